@@ -1,0 +1,11 @@
+// The one native extension, cpoc_kernels._C. Each op family registers itself here.
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+void init_rng(py::module_& m);     // rng.cpp: murmur variant, uniform, split-halves Box-Muller
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "cpoc_kernels native CPU core (RNG primitives, SMST commitment)";
+    init_rng(m);
+}

@@ -1,0 +1,28 @@
+"""Test configuration. TRITON_INTERPRET must be set before any kernel module is imported."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+GOLDEN_DIR = pathlib.Path(__file__).parent / "golden"
+
+
+@pytest.fixture(scope="session")
+def primitives():
+    """The network reference's golden vectors (tests/golden/pocv2_primitives.json)."""
+    return json.loads((GOLDEN_DIR / "pocv2_primitives.json").read_text())
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
