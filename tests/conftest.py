@@ -5,10 +5,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import json  # noqa: E402
 import pathlib  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
-GOLDEN_DIR = pathlib.Path(__file__).parent / "golden"
+TESTS_DIR = pathlib.Path(__file__).parent
+GOLDEN_DIR = TESTS_DIR / "golden"
+sys.path.insert(0, str(TESTS_DIR))  # shared test helpers: `import bits`
 
 
 @pytest.fixture(scope="session")
