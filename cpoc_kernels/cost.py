@@ -90,7 +90,9 @@ class ModelShape:
                 raise ValueError("an MoE shape needs moe_intermediate >= 1")
         elif self.experts_per_token or self.moe_intermediate:
             raise ValueError("experts_per_token / moe_intermediate given but n_experts == 0")
-        if self.n_moe_layers is not None:
+        if self.n_moe_layers is None:  # normalise: equal shapes compare equal however they were built
+            object.__setattr__(self, "n_moe_layers", self.n_layers if self.n_experts > 0 else 0)
+        else:
             _require_int("n_moe_layers", self.n_moe_layers, 0)
             if self.n_moe_layers > self.n_layers:
                 raise ValueError(f"n_moe_layers={self.n_moe_layers} > n_layers={self.n_layers}")
@@ -102,9 +104,7 @@ class ModelShape:
     @property
     def moe_layer_count(self) -> int:
         """Decoder layers whose MLP is a mixture of experts."""
-        if self.n_moe_layers is not None:
-            return self.n_moe_layers
-        return self.n_layers if self.n_experts > 0 else 0
+        return self.n_moe_layers
 
     @property
     def dense_layer_count(self) -> int:
