@@ -147,18 +147,26 @@ def _sin(x, MATH: tl.constexpr):
 
 @triton.jit
 def _normals_kernel(
-    out_ptr, seeds_ptr, n, seg_len, seg_pairs, seq_len, hidden, row_stride, row_offset,
-    NSEG: tl.constexpr, KIND: tl.constexpr, MATH: tl.constexpr, BLOCK: tl.constexpr,
+    out_ptr, seeds_ptr, n, seg_len, seg_pairs, seq_len, hidden, row_stride, row_offset, n_nonces,
+    NSEG: tl.constexpr, KIND: tl.constexpr, MATH: tl.constexpr, BLOCK: tl.constexpr, FLAT: tl.constexpr,
 ):
-    """One program = BLOCK Box–Muller pairs of one nonce (grid: pair blocks × nonces).
+    """One program = BLOCK Box–Muller pairs of one nonce (grid: pair blocks × nonces), or, when a nonce
+    has fewer than BLOCK pairs (FLAT), BLOCK consecutive pairs of the flattened (nonce, pair) space.
 
     Pair q of segment s (local index j) makes elements s*L + j (cos) and s*L + P_s + j (sin) of the flat
     [seq_len*hidden] normals, L = seg_len, P_s = ceil(m_s/2), m_s = min(L, n - s*L); keys (j, P_s + j).
     Flat element f lands at out[row_offset + b*seq_len + f // hidden, f % hidden].
     """
     pid = tl.program_id(0)
-    b = tl.program_id(1)
-    q = pid * BLOCK + tl.arange(0, BLOCK)
+    if FLAT:
+        flat_q = pid * BLOCK + tl.arange(0, BLOCK)
+        b = flat_q // (NSEG * seg_pairs)
+        q = flat_q - b * (NSEG * seg_pairs)
+        in_range = b < n_nonces
+    else:
+        b = tl.program_id(1)
+        q = pid * BLOCK + tl.arange(0, BLOCK)
+        in_range = q < NSEG * seg_pairs
     if NSEG == 1:
         seg = tl.zeros_like(q)
         j = q
@@ -168,7 +176,7 @@ def _normals_kernel(
     seg_start = seg * seg_len
     m = tl.minimum(tl.maximum(n - seg_start, 0), seg_len)
     half = (m + 1) // 2
-    valid = (q < NSEG * seg_pairs) & (j < half)
+    valid = in_range & (j < half)
     seed = tl.load(seeds_ptr + b * NSEG + seg, mask=valid, other=0).to(tl.uint32)
     u1 = _uniform(j.to(tl.uint32), seed)
     u2 = _uniform((half + j).to(tl.uint32), seed)
@@ -205,11 +213,17 @@ def normals_into_triton(out: torch.Tensor, seeds: torch.Tensor, seq_len: int, ro
         return
     seg_len = -(-n // nseg)
     seg_pairs = (seg_len + 1) // 2
-    block = min(_BLOCK, triton.next_power_of_2(nseg * seg_pairs))
-    grid = (triton.cdiv(nseg * seg_pairs, block), nb)
+    per_nonce = nseg * seg_pairs
+    flat = per_nonce < _BLOCK
+    if flat:
+        block = min(_BLOCK, triton.next_power_of_2(nb * per_nonce))
+        grid = (triton.cdiv(nb * per_nonce, block),)
+    else:
+        block = _BLOCK
+        grid = (triton.cdiv(per_nonce, block), nb)
     _normals_kernel[grid](
         kernel_view(out), seeds.contiguous(), n, seg_len, seg_pairs, seq_len, hidden, out.stride(0), row_offset,
-        NSEG=nseg, KIND=dtype_kind(out.dtype), MATH=math_mode(out.device), BLOCK=block, num_warps=4,
+        nb, NSEG=nseg, KIND=dtype_kind(out.dtype), MATH=math_mode(out.device), BLOCK=block, FLAT=flat, num_warps=4,
         **launch_opts(out.device),
     )
 
@@ -280,6 +294,8 @@ def poc_inputs(
         raise ValueError(f"dtype must be one of {SUPPORTED_INPUT_DTYPES}, got {dtype}")
     if not isinstance(seq_len, int) or not isinstance(hidden, int) or seq_len <= 0 or hidden <= 0:
         raise ValueError(f"seq_len and hidden must be positive ints, got {seq_len!r}, {hidden!r}")
+    if seq_len * hidden >= 2**31:
+        raise ValueError(f"seq_len*hidden must be < 2**31 (int32 element keys), got {seq_len * hidden}")
     if not isinstance(row_offset, int) or row_offset < 0:
         raise ValueError(f"row_offset must be a non-negative int, got {row_offset!r}")
     nonces = [int(x) for x in nonces]
