@@ -29,8 +29,10 @@ Rules (chat always first):
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import asdict, dataclass
 from enum import Enum
+from typing import Sequence
 
 import numpy as np
 
@@ -74,29 +76,35 @@ def _check_real(name: str, value: object, minimum: float = 0.0, strictly: bool =
 
 
 class StepTimeModel:
-    """Online fit of ``step_seconds ≈ overhead + seconds_per_token·tokens + seconds_per_key·attention_keys``.
+    """Online fit of ``step_seconds ≈ overhead + seconds_per_token·tokens + seconds_per_key·attention_keys
+    + Σ_k extra_k·max(0, tokens − knot_k)``.
 
     ``tokens`` are all rows of the step (chat + PoC); ``attention_keys`` the (query, key) pairs the step's
     attention computes (optional; pass 0 everywhere to fold attention into the per-token cost).
+    ``knots`` (token counts) make the token term piecewise linear: a GPU step is flat while it is bound
+    by reading the weights and grows linearly once compute-bound; without knots the fit is one line,
+    which on such an engine is conservative (it sees the average slope, not the free flat part).
 
-    A Kalman filter over the three coefficients with random-walk drift (so it tracks slow changes; each
-    coefficient's standard deviation is capped at ``prior_relative_std`` × its size so unexcited
-    directions do not wind up), relative observation noise estimated online, and outlier clipping: a
-    residual beyond ``outlier_sigmas`` innovation standard deviations moves the fit only as much as one
-    at that bound, unless three in a row fall on the same side, which means the model (e.g. a wrong
-    prior) rather than the step is off: then the uncertainty is reset and the fit jumps. Coefficients are
-    kept ≥ 0. Before any data it predicts from the prior with the prior's (wide) uncertainty.
+    The fit is a ridge regression on the last ``window`` steps, refitted at each :meth:`observe`:
+    residuals relative to the predicted time (step times span orders of magnitude), a Gaussian prior
+    (mean = the prior coefficients, standard deviation ``prior_relative_std`` × their size) as the ridge
+    term, and Huber weights (iteratively reweighted) so that steps more than ``outlier_sigmas`` robust
+    standard deviations off (a GC pause, a graph capture) count as if at that bound. Old steps leave the
+    window, so the fit follows changes in the engine, and a direction the recent steps do not vary
+    (e.g. PoC always filling the batch to the same size) falls back to the prior and its uncertainty,
+    which makes the governor cautious again instead of trusting an untested belief. Overhead, per-token
+    and per-key costs are clamped at ≥ 0. Deterministic: the fit depends only on the window and prior.
     """
 
     _TOKEN_UNIT = 1e3  # features are kept O(1): thousands of tokens, millions of keys
     _KEY_UNIT = 1e6
-    _RESET_AFTER = 3  # this many clipped residuals of one sign in a row reset the uncertainty
-    _RESET_INFLATION = 100.0  # variance added on a reset, in units of the variance cap
+    _IRLS_ITERATIONS = 4
+    _PRIOR_NOISE_WEIGHT = 10.0  # the prior relative noise counts as this many steps
 
     def __init__(self, prior_overhead_seconds: float = 2e-3, prior_seconds_per_token: float = 1e-5,
                  prior_seconds_per_key: float | None = None, prior_relative_std: float = 1.0,
-                 relative_noise: float = 0.05, drift_per_step: float = 0.01, outlier_sigmas: float = 3.0,
-                 noise_smoothing: float = 0.02):
+                 relative_noise: float = 0.05, window: int = 256, outlier_sigmas: float = 3.0,
+                 knots: Sequence[int] = ()):
         _check_real("prior_overhead_seconds", prior_overhead_seconds)
         _check_real("prior_seconds_per_token", prior_seconds_per_token, strictly=True)
         if prior_seconds_per_key is None:
@@ -104,32 +112,33 @@ class StepTimeModel:
         _check_real("prior_seconds_per_key", prior_seconds_per_key)
         _check_real("prior_relative_std", prior_relative_std, strictly=True)
         _check_real("relative_noise", relative_noise, strictly=True)
-        _check_real("drift_per_step", drift_per_step)
         _check_real("outlier_sigmas", outlier_sigmas, strictly=True)
-        if not 0 < noise_smoothing <= 1:
-            raise ValueError(f"noise_smoothing must be in (0, 1], got {noise_smoothing}")
-        self._theta = np.array([prior_overhead_seconds, prior_seconds_per_token * self._TOKEN_UNIT,
-                                prior_seconds_per_key * self._KEY_UNIT])
-        self._relative_std = prior_relative_std
-        self._drift_per_step = drift_per_step
-        self._cov = np.diag(self._variance_cap())
-        self._rel_noise_var = relative_noise ** 2
+        _check_count("window", window)
+        if window < 2:
+            raise ValueError(f"window must be >= 2, got {window}")
+        self.knots = tuple(_check_count("knot", k) for k in knots)
+        if any(k < 1 for k in self.knots) or list(self.knots) != sorted(set(self.knots)):
+            raise ValueError(f"knots must be distinct, increasing and >= 1, got {knots!r}")
+        slope = prior_seconds_per_token * self._TOKEN_UNIT
+        self._prior_mean = np.array([prior_overhead_seconds, slope, prior_seconds_per_key * self._KEY_UNIT]
+                                    + [0.0] * len(self.knots))
+        # coefficient scales (feature units), floored at 0.1 ms, 1 µs/token, 1 ns/key; knots: the prior slope
+        scale_floor = np.array([1e-4, 1e-3, 1e-3] + [slope] * len(self.knots))
+        prior_std = prior_relative_std * np.maximum(np.abs(self._prior_mean), scale_floor)
+        self._prior_precision = np.diag(1.0 / prior_std ** 2)
+        self._prior_noise = relative_noise
         self._outlier_sigmas = outlier_sigmas
-        self._noise_smoothing = noise_smoothing
+        self._rows: deque[np.ndarray] = deque(maxlen=window)
+        self._seconds: deque[float] = deque(maxlen=window)
+        self._theta = self._prior_mean.copy()
+        self._cov = np.linalg.inv(self._prior_precision)
+        self._noise = relative_noise
         self.n_observations = 0
-        self.n_outliers = 0
-        self.n_resets = 0
-        self._outlier_streak = 0  # consecutive clipped residuals of one sign
-
-    # floors of the coefficient scales (feature units): 0.1 ms, 1 µs/token, 1 ns/key
-    _SCALE_FLOOR = np.array([1e-4, 1e-3, 1e-3])
-
-    def _variance_cap(self) -> np.ndarray:
-        """Largest variance each coefficient may have: (relative std × its current size)²."""
-        return (self._relative_std * np.maximum(np.abs(self._theta), self._SCALE_FLOOR)) ** 2
+        self.n_outliers = 0  # steps of the window the last fit down-weighted
 
     def _features(self, tokens: float, attention_keys: float) -> np.ndarray:
-        return np.array([1.0, tokens / self._TOKEN_UNIT, attention_keys / self._KEY_UNIT])
+        return np.array([1.0, tokens / self._TOKEN_UNIT, attention_keys / self._KEY_UNIT]
+                        + [max(0.0, tokens - k) / self._TOKEN_UNIT for k in self.knots])
 
     @property
     def overhead_seconds(self) -> float:
@@ -138,7 +147,7 @@ class StepTimeModel:
 
     @property
     def seconds_per_token(self) -> float:
-        """Fitted cost of one more row (s/token)."""
+        """Fitted cost of one more row below the first knot (s/token)."""
         return float(self._theta[1] / self._TOKEN_UNIT)
 
     @property
@@ -148,62 +157,82 @@ class StepTimeModel:
 
     @property
     def relative_noise(self) -> float:
-        """Estimated relative standard deviation of a step time around the model."""
-        return float(math.sqrt(self._rel_noise_var))
+        """Estimated (robust) relative standard deviation of a step time around the model."""
+        return float(self._noise)
 
     def predict(self, tokens: float, attention_keys: float = 0.0) -> float:
         """Predicted step time (s) for ``tokens`` rows and ``attention_keys`` attention pairs."""
         return float(self._features(tokens, attention_keys) @ self._theta)
 
-    def marginal_seconds_per_token(self, attention_keys_per_token: float = 0.0, z: float = 0.0) -> float:
-        """Cost (s) of one more token attending ``attention_keys_per_token`` keys: mean + z·std."""
-        v = np.array([0.0, 1.0 / self._TOKEN_UNIT, attention_keys_per_token / self._KEY_UNIT])
+    def added_seconds(self, tokens: float, attention_keys: float, added_tokens: float, added_keys: float,
+                      z: float = 0.0) -> float:
+        """Predicted extra step time (s) from adding ``added_tokens`` rows (``added_keys`` attention
+        pairs) to a step of ``tokens`` rows: mean + z·std of the fit (the overhead cancels)."""
+        v = (self._features(tokens + added_tokens, attention_keys + added_keys)
+             - self._features(tokens, attention_keys))
         mean = float(v @ self._theta)
         std = math.sqrt(max(float(v @ self._cov @ v), 0.0))
         return mean + z * std
 
+    def marginal_seconds_per_token(self, attention_keys_per_token: float = 0.0, z: float = 0.0,
+                                   tokens: float = 0.0) -> float:
+        """Cost (s) of one more token attending ``attention_keys_per_token`` keys, added to a step of
+        ``tokens`` rows: mean + z·std."""
+        return self.added_seconds(tokens, 0.0, 1.0, attention_keys_per_token, z)
+
+    def max_added_tokens(self, tokens: int, attention_keys: float, keys_per_added_token: float,
+                         extra_seconds: float, z: float, limit: int) -> int:
+        """Largest ``x`` in ``0..limit`` whose :meth:`added_seconds` (mean + z·std) is ≤ ``extra_seconds``."""
+        def fits(x: int) -> bool:
+            return self.added_seconds(tokens, attention_keys, x, x * keys_per_added_token, z) <= extra_seconds
+
+        if limit <= 0 or not fits(1):
+            return 0
+        low, high = 1, limit  # fits(low); binary search, the added time growing with x
+        while low < high:
+            mid = (low + high + 1) // 2
+            if fits(mid):
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
     def observe(self, tokens: int, step_seconds: float, attention_keys: int = 0) -> None:
-        """Update the fit with one measured step (``tokens`` rows took ``step_seconds`` s)."""
+        """Add one measured step (``tokens`` rows took ``step_seconds`` s) and refit."""
         _check_count("tokens", tokens)
         _check_count("attention_keys", attention_keys)
         _check_real("step_seconds", step_seconds, strictly=True)
-        # drift, then cap each variance relative to its coefficient (a diagonal congruence keeps it PSD)
-        cap = self._variance_cap()
-        cov = self._cov + np.diag(cap * (self._drift_per_step / self._relative_std) ** 2)
-        shrink = np.sqrt(np.minimum(1.0, cap / np.diag(cov)))
-        cov = cov * np.outer(shrink, shrink)
-        x = self._features(tokens, attention_keys)
-        predicted = float(x @ self._theta)
-        noise_var = self._rel_noise_var * max(predicted, step_seconds, 1e-9) ** 2
-        residual = step_seconds - predicted
-        cov_x = cov @ x
-        innovation_var = float(x @ cov_x) + noise_var
-        bound = self._outlier_sigmas * math.sqrt(innovation_var)
-        if abs(residual) > bound:
-            sign = 1 if residual > 0 else -1
-            self._outlier_streak = self._outlier_streak + sign if self._outlier_streak * sign > 0 else sign
-            if abs(self._outlier_streak) >= self._RESET_AFTER:
-                # persistent misfit of one sign: the model is wrong, not the steps; forget what it knew
-                cov = cov + np.diag(cap * self._RESET_INFLATION)
-                self.n_resets += 1
-                self._outlier_streak = 0
-                cov_x = cov @ x
-                innovation_var = float(x @ cov_x) + noise_var
-                bound = self._outlier_sigmas * math.sqrt(innovation_var)
-            if abs(residual) > bound:
-                self.n_outliers += 1
-                residual = math.copysign(bound, residual)
-        else:
-            self._outlier_streak = 0
-        gain = cov_x / innovation_var
-        self._theta = np.maximum(self._theta + gain * residual, 0.0)
-        cov = cov - np.outer(gain, cov_x)
-        self._cov = 0.5 * (cov + cov.T)
-        # relative noise: the part of the squared residual the parameter uncertainty does not explain
-        rel_sq = max(residual ** 2 - float(x @ cov_x), 0.0) / max(step_seconds, 1e-9) ** 2
-        a = self._noise_smoothing
-        self._rel_noise_var = max((1 - a) * self._rel_noise_var + a * rel_sq, 1e-8)
+        self._rows.append(self._features(tokens, attention_keys))
+        self._seconds.append(float(step_seconds))
         self.n_observations += 1
+        self._refit()
+
+    def _refit(self) -> None:
+        x = np.array(self._rows)
+        y = np.array(self._seconds)
+        n = len(y)
+        theta = self._theta
+        noise = self._noise
+        huber = np.ones(n)
+        for _ in range(self._IRLS_ITERATIONS):
+            scale = np.maximum(x @ theta, 1e-6)           # relative residuals: divide by the predicted time
+            relative = (y - x @ theta) / scale
+            # robust noise (MAD), blended with the prior noise so a few steps cannot make it tiny
+            mad = 1.4826 * float(np.median(np.abs(relative)))
+            noise = math.sqrt((n * mad ** 2 + self._PRIOR_NOISE_WEIGHT * self._prior_noise ** 2)
+                              / (n + self._PRIOR_NOISE_WEIGHT))
+            noise = max(noise, 1e-3)
+            bound = self._outlier_sigmas * noise
+            huber = np.minimum(1.0, bound / np.maximum(np.abs(relative), 1e-300))
+            weights = huber / (scale * noise) ** 2
+            precision = (x * weights[:, None]).T @ x + self._prior_precision
+            rhs = (x * weights[:, None]).T @ y + self._prior_precision @ self._prior_mean
+            theta = np.linalg.solve(precision, rhs)
+            theta[:3] = np.maximum(theta[:3], 0.0)
+        self._theta = theta
+        self._cov = np.linalg.inv(precision)
+        self._noise = noise
+        self.n_outliers = int(np.sum(huber < 1.0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,10 +410,10 @@ class Governor:
             idle = cfg.max_batch_tokens if cfg.idle_max_tokens is None else cfg.idle_max_tokens
             limits.append((idle, BudgetReason.IDLE_CAP))
         else:
-            marginal = self.model.marginal_seconds_per_token(self._keys_per_poc_token(), cfg.confidence_z)
-            marginal = max(marginal, 1e-12)
-            slo_tokens = cfg.slo_overhead * chat_seconds / marginal
-            limits.append((int(min(slo_tokens, cfg.max_batch_tokens)), BudgetReason.SLO))
+            slo_tokens = self.model.max_added_tokens(
+                load.chat_tokens, chat_keys, self._keys_per_poc_token(), cfg.slo_overhead * chat_seconds,
+                cfg.confidence_z, limit=cfg.max_batch_tokens)
+            limits.append((slo_tokens, BudgetReason.SLO))
         limits.append((kv_limit, BudgetReason.KV_BACKPRESSURE))
         tokens, reason = min(limits, key=lambda item: item[0])  # first of equal limits wins
         return budget(max(0, tokens), reason)
@@ -431,7 +460,7 @@ class Governor:
                 "seconds_per_key": self.model.seconds_per_key,
                 "relative_noise": self.model.relative_noise,
                 "observations": self.model.n_observations,
-                "outliers": self.model.n_outliers,
+                "outliers_in_window": self.model.n_outliers,
             },
             "config": asdict(self.config),
         }
