@@ -48,8 +48,14 @@ def check_backend(backend: str, device: torch.device) -> str:
 
 
 def launch_opts(device: torch.device) -> dict:
-    # No FMA contraction anywhere: every fp32 op rounds once, as the torch reference's separate kernels do.
-    return {"enable_fp_fusion": False}
+    """Compile options of every PoC kernel launch.
+
+    * ``enable_fp_fusion=False``: no FMA contraction (also ``ptxas --fmad=false``); every fp32 op rounds
+      once, as the torch reference's separate kernels do.
+    * ``enable_reflect_ftz=False``: libdevice without flush-to-zero (Triton's default selects the FTZ
+      variants of ``__nv_logf/__nv_cosf/__nv_sinf``; torch CUDA is compiled without FTZ).
+    """
+    return {"enable_fp_fusion": False, "enable_reflect_ftz": False}
 
 
 def kernel_view(t: torch.Tensor) -> torch.Tensor:
