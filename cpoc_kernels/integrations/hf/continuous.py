@@ -1,0 +1,862 @@
+"""Continuous PoC inside transformers' own continuous batching (``ContinuousBatchingManager``).
+
+A PoC nonce is a request of ``seq_len`` placeholder token ids with ``max_new_tokens=1``. Hooks make the
+engine's forward compute the nonce exactly as a pure-PoC forward would (spec §4–§6), on its rows only:
+
+* model forward pre-hook (with kwargs): builds the step's :class:`~cpoc_kernels.rows.PoCRows` from
+  ``cu_seq_lens_q``, ``position_ids`` and the batch processor's ``requests_in_batch``; times the step;
+* ``embed_tokens`` forward hook: a PoC request's rows get its nonce's input embeddings at their
+  **absolute** positions (so chunked prefill, i.e. a nonce spread over several steps, is exact);
+* decoder layer forward hooks: Householder reflection of the layer output (the residual stream) on PoC
+  rows only (chat rows are not written);
+* final-norm forward hook: the last-position hidden state of each nonce whose prefill completes in
+  this step is read out through the output stage → :class:`~cpoc_kernels.artifacts.Artifact`;
+* ``lm_head`` pre/post hooks: PoC rows are removed from the LM head input and get zero logits back
+  (their sampled token is discarded), so the LM head never sees a PoC row;
+* the scheduler's ``schedule_batch`` is wrapped: chat is scheduled first with the whole token budget as
+  if PoC did not exist; then the :class:`~cpoc_kernels.governor.Governor` decides how many PoC tokens may
+  join the step and how many new nonces to admit; PoC requests are scheduled only into what is left;
+* the output router is wrapped: PoC requests' outputs never reach the chat output queue/handlers.
+
+Every hook body is guarded: an exception inside PoC handling disables PoC (hooks become pass-through for
+chat, in-flight PoC requests are cancelled), is recorded in :meth:`ContinuousPoC.stats`, and chat continues.
+
+All knowledge of transformers' CB internals is in :class:`_CBInternals` (supported: transformers 5.20–5.24).
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cpoc_kernels.artifacts import Artifact, check_nonce
+from cpoc_kernels.governor import Governor, GovernorConfig, StepLoad, StepTimeModel
+from cpoc_kernels.reference.readout import K_DIM
+from cpoc_kernels.rows import NonceTracker, PoCRows
+
+from .runner import decoder_layers
+
+SUPPORTED_TRANSFORMERS = "5.20–5.24"
+
+# ============================================================================================ PoC math
+# The only place that picks between cpoc_kernels.ops and the reference (switching backends is here).
+
+
+def _ops():
+    """``cpoc_kernels.ops`` if it imports (fused Triton/C++ ops), else None (then the reference is used)."""
+    try:
+        from cpoc_kernels import ops
+    except Exception:  # noqa: BLE001 - ops package unavailable: fall back to the reference
+        return None
+    return ops if all(hasattr(ops, n) for n in ("poc_inputs", "masked_reflect_", "poc_readout")) else None
+
+
+def poc_input_embeddings(block_hash: str, public_key: str, nonces: list[int], seq_len: int, hidden: int,
+                         dtype: torch.dtype, device: torch.device, stronger_rng: bool) -> torch.Tensor:
+    """[B, seq_len, hidden] input embeddings in the model dtype (CPU: the same C++ path as :class:`PoCRunner`)."""
+    if device.type == "cpu":
+        from cpoc_kernels.ops.inputs import nonce_normals_cpu
+
+        flat = nonce_normals_cpu(block_hash, public_key, nonces, seq_len * hidden, stronger_rng)
+        return flat.view(len(nonces), seq_len, hidden).to(dtype)
+    ops = _ops()
+    if ops is not None:
+        return ops.poc_inputs(block_hash, public_key, nonces, seq_len, hidden, dtype, device=device,
+                              stronger_rng=stronger_rng)
+    from cpoc_kernels.reference.inputs import poc_inputs
+
+    return poc_inputs(block_hash, public_key, nonces, seq_len, hidden, dtype, stronger_rng, device=device)
+
+
+def reflect_rows_(hidden2d: torch.Tensor, rows: torch.Tensor, v: torch.Tensor) -> None:
+    """In place: ``hidden2d[rows] = R_v(hidden2d[rows])`` (reference rounding points); other rows untouched."""
+    ops = _ops()
+    if ops is not None:
+        ops.masked_reflect_(hidden2d, None, v, rows)
+        return
+    from cpoc_kernels.reference.householder import reflect
+
+    hidden2d.index_copy_(0, rows, reflect(hidden2d.index_select(0, rows), v))
+
+
+def readout_vectors(hs: torch.Tensor, block_hash: str, public_key: str, nonces: list[int],
+                    k: int) -> tuple[list[int], torch.Tensor]:
+    """(kept nonces, fp16 vectors) from fp32 last-token hidden states; NaN rows dropped as in ``PoCRunner``."""
+    finite = ~torch.isnan(hs).any(dim=-1)
+    nonces = [n for n, ok in zip(nonces, finite.tolist()) if ok]
+    hs = hs[finite]
+    ops = _ops()
+    if ops is not None:
+        res = ops.poc_readout(hs, block_hash, public_key, nonces, k=k)
+        ok = res.emittable.to(torch.bool)
+        return [n for n, keep in zip(nonces, ok.tolist()) if keep], res.vectors.cpu()[ok]
+    from cpoc_kernels.reference.readout import is_emittable, output_stage
+
+    vecs = output_stage(hs, block_hash, public_key, nonces, k=k)
+    ok = is_emittable(vecs)
+    return [n for n, keep in zip(nonces, ok.tolist()) if keep], vecs[ok]
+
+
+# ============================================================================================ CB internals
+
+
+class UnsupportedEngineError(RuntimeError):
+    """The installed transformers' continuous batching lacks something this glue relies on."""
+
+
+def _require(obj: Any, name: str, what: str) -> Any:
+    if not hasattr(obj, name):
+        import transformers
+
+        raise UnsupportedEngineError(
+            f"{what} has no attribute {name!r} (transformers {transformers.__version__}); cpoc_kernels' continuous "
+            f"batching glue supports transformers {SUPPORTED_TRANSFORMERS}")
+    return getattr(obj, name)
+
+
+class _CBInternals:
+    """Every access to transformers' continuous-batching internals goes through here."""
+
+    def __init__(self, manager):
+        self.manager = manager
+        for name in ("batch_processor", "output_router", "_create_batch_processor", "background_thread_status",
+                     "continuous_batching_config", "cancel_request"):
+            _require(manager, name, "ContinuousBatchingManager")
+        router = manager.output_router
+        for name in ("deliver", "deliver_batch"):
+            _require(router, name, "OutputRouter")
+        from transformers.generation.continuous_batching.requests import RequestState
+
+        self._request_state_cls = RequestState
+
+    @property
+    def config(self):
+        return self.manager.continuous_batching_config
+
+    def check_config(self) -> None:
+        cfg = self.config
+        if getattr(cfg, "allow_block_sharing", False):
+            raise ValueError("continuous PoC needs ContinuousBatchingConfig(allow_block_sharing=False): prefix "
+                             "caching hashes token ids, so PoC requests (identical placeholder ids) would share KV")
+        if getattr(cfg, "use_async_batching", False):
+            raise ValueError("continuous PoC needs use_async_batching=False (the row map is built per step)")
+        graphs = getattr(cfg, "use_cuda_graph", None)
+        if graphs is True or (isinstance(graphs, tuple) and any(graphs)):
+            raise ValueError("continuous PoC needs use_cuda_graph=False (hooks must run every step)")
+
+    def batch_processor(self):
+        return self.manager.batch_processor
+
+    def scheduler(self, batch_processor):
+        return _require(batch_processor, "scheduler", "ContinuousBatchProcessor")
+
+    def cache(self, batch_processor):
+        return _require(batch_processor, "cache", "ContinuousBatchProcessor")
+
+    def requests_in_batch(self) -> list:
+        bp = self.manager.batch_processor
+        io = _require(bp, "inputs_and_outputs", "ContinuousBatchProcessor")
+        return list(_require(io, "requests_in_batch", "ContinuousBatchingIOs"))
+
+    @staticmethod
+    def request_id(future_state) -> str:
+        return future_state.state.request_id
+
+    @staticmethod
+    def has_new_token(future_state) -> bool:
+        return bool(future_state.has_new_token)
+
+    def stopping(self) -> bool:
+        """The manager was asked to stop (PoC must not keep the loop alive)."""
+        status = self.manager.background_thread_status
+        return getattr(status, "tp_status", 0) != 0 or getattr(status, "fatal_error", None) is not None
+
+    def wake(self) -> None:
+        """Wake the generation loop (it sleeps up to 0.1 s when it has nothing to do)."""
+        event = getattr(self.manager, "_wake_up_loop", None)
+        if event is not None:
+            event.set()
+
+    def new_request_state(self, request_id: str, tokens: list[int]):
+        return self._request_state_cls(request_id=request_id, initial_tokens=tokens, max_new_tokens=1,
+                                       eos_token_id=-1)
+
+    @staticmethod
+    def hide(scheduler, keep_visible: Callable[[str], bool]) -> tuple[dict, dict, list]:
+        """Temporarily remove from the scheduler every request for which ``keep_visible`` is False."""
+        active = {rid: s for rid, s in scheduler.active_requests.items() if not keep_visible(rid)}
+        waiting = {rid: s for rid, s in scheduler.waiting_requests.items() if not keep_visible(rid)}
+        order = [rid for rid in scheduler.waiting_requests_order if rid in waiting]
+        for rid in active:
+            del scheduler.active_requests[rid]
+        for rid in waiting:
+            del scheduler.waiting_requests[rid]
+        if order:
+            scheduler.waiting_requests_order = deque(r for r in scheduler.waiting_requests_order if r not in waiting)
+        return active, waiting, order
+
+    @staticmethod
+    def restore(scheduler, hidden: tuple[dict, dict, list]) -> None:
+        active, waiting, order = hidden
+        for rid, s in active.items():
+            scheduler.active_requests.setdefault(rid, s)
+        for rid, s in waiting.items():
+            if rid not in scheduler.active_requests:
+                scheduler.waiting_requests.setdefault(rid, s)
+        present = set(scheduler.waiting_requests_order)
+        scheduler.waiting_requests_order.extend(r for r in order if r in scheduler.waiting_requests and r not in present)
+
+    @staticmethod
+    def kv_tokens(cache) -> tuple[int, int]:
+        """(capacity, free) in token slots."""
+        capacity = int(cache.max_tokens_read)
+        return capacity, int(cache.compute_free_capacity(relative=True) * capacity)
+
+    @staticmethod
+    def max_batch_tokens(cache) -> int:
+        return int(cache.max_batch_tokens)
+
+
+def _model_parts(model):
+    inner = _require(model, "model", type(model).__name__)
+    return (_require(inner, "embed_tokens", type(inner).__name__), decoder_layers(model),
+            _require(inner, "norm", type(inner).__name__), _require(model, "lm_head", type(model).__name__))
+
+
+def cb_config(max_batch_tokens: int = 256, num_blocks: int = 256, page_size: int = 16,
+              max_requests_per_batch: int = 32, scheduler_type: str = "fifo", **extra):
+    """A ``ContinuousBatchingConfig`` sized explicitly (needed on CPU) with the settings PoC requires:
+    no block sharing, no async batching, no CUDA graphs, no switch to flash attention."""
+    from transformers import ContinuousBatchingConfig
+
+    return ContinuousBatchingConfig(max_batch_tokens=max_batch_tokens, num_blocks=num_blocks, page_size=page_size,
+                                    max_requests_per_batch=max_requests_per_batch, scheduler_type=scheduler_type,
+                                    allow_block_sharing=False, use_async_batching=False, use_cuda_graph=False,
+                                    auto_switch_to_flash=False, **extra)
+
+
+# ============================================================================================ ContinuousPoC
+
+
+@dataclass
+class _Step:
+    """What the hooks of one forward step share (engine thread only)."""
+
+    t0: float
+    total_rows: int
+    rows: PoCRows | None = None
+    lm_keep: list[int] | None = None  # lm_head input rows that are chat (None: no PoC logits this step)
+    lm_rows_in: int = 0
+    poc_rows: int = 0
+    compute: bool = False  # PoC compute hooks active this step
+    row_index: torch.Tensor | None = None
+    readout: torch.Tensor | None = None
+    inputs: torch.Tensor | None = None
+    lm_full: int = 0
+    lm_index: torch.Tensor | None = None
+    thread: int = 0  # the engine thread running this step: hooks ignore forwards from other threads
+
+
+class PoCFailure(RuntimeError):
+    pass
+
+
+class ContinuousPoC:
+    """PoC v2 nonces computed inside an HF continuous-batching manager's forward steps, beside chat.
+
+    ``ContinuousPoC(model, manager)`` attaches (hooks + wrappers); ``start(block_hash, public_key,
+    nonce_iterator, seq_len, k)`` begins admitting nonces (as the governor allows); ``stop()`` ends
+    admission (draining or cancelling in-flight nonces); ``detach()`` removes everything.
+
+    Artifacts: ``on_artifact`` callback (called in the engine thread), :meth:`artifacts` iterator, and
+    :attr:`collected`. They equal a pure-PoC run's artifacts of the same nonces up to the float path of
+    the attention/matmuls (paged flat batch vs [B, S, H]); see the tests.
+
+    Governor: ``mode`` ``"fill"`` (default; PoC fills the step as long as predicted chat step time grows
+    by at most ``slo_overhead``), ``"fixed-share"`` or ``"off"``; ``governor_options`` are further
+    :class:`GovernorConfig` fields; ``step_time_model`` an optional prior :class:`StepTimeModel`.
+    """
+
+    def __init__(self, model: torch.nn.Module, manager, *, mode: str = "fill", slo_overhead: float = 0.05,
+                 governor_options: dict | None = None, step_time_model: StepTimeModel | None = None,
+                 on_artifact: Callable[[Artifact], None] | None = None, request_prefix: str = "cpoc",
+                 latency_window: int = 10000):
+        self.model = model
+        self._cb = _CBInternals(manager)
+        self._cb.check_config()
+        self.embed, self.layers, self.norm, self.lm_head = _model_parts(model)
+        self.hidden = model.config.hidden_size
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.mode, self.slo_overhead = mode, slo_overhead
+        self.governor_options = dict(governor_options or {})
+        GovernorConfig(max_batch_tokens=1, kv_tokens_capacity=1, mode=mode, slo_overhead=slo_overhead,
+                       **self.governor_options)  # validate early, in the caller's thread
+        self._step_time_model = step_time_model
+        self.on_artifact = on_artifact
+        self._prefix = request_prefix
+        self.governor: Governor | None = None
+        self._lock = threading.RLock()
+        self._queue: queue.Queue = queue.Queue()
+        self.collected: list[Artifact] = []
+        self._latencies: deque[float] = deque(maxlen=latency_window)
+        self._round: dict | None = None
+        self._tracker: NonceTracker | None = None
+        self._running = False
+        self._failed: str | None = None
+        self._error: BaseException | None = None
+        self._step: _Step | None = None
+        self._handles: list = []
+        self._patched: list[tuple[Any, str, Any]] = []
+        self._counters = dict(steps=0, poc_steps=0, chat_tokens=0, poc_tokens=0, nonces_admitted=0, nonces_done=0,
+                              nonces_dropped_nan=0, nonces_split=0, lm_head_rows=0, chat_requests_done=0, poc_outputs_filtered=0,
+                              callback_errors=0, chat_work_in_nonces=0.0)
+        self._t_start = self._t_stop = None
+        self._attach()
+
+    # -------------------------------------------------------------------------------------- attach
+    def _attach(self) -> None:
+        m = self.model
+        self._handles += [
+            m.register_forward_pre_hook(self._guard(self._on_step_start), with_kwargs=True),
+            m.register_forward_hook(self._guard(self._on_step_end)),
+            self.embed.register_forward_hook(self._guard(self._on_embed)),
+            self.norm.register_forward_hook(self._guard(self._on_final_norm)),
+            self.lm_head.register_forward_pre_hook(self._on_lm_head_in),
+            self.lm_head.register_forward_hook(self._on_lm_head_out),
+        ]
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_hook(self._guard(self._make_layer_hook(i))))
+        mgr = self._cb.manager
+        self._patch(mgr, "_create_batch_processor", self._wrap_create_bp(mgr._create_batch_processor))
+        router = mgr.output_router
+        self._patch(router, "deliver", self._wrap_deliver(router.deliver))
+        self._patch(router, "deliver_batch", self._wrap_deliver_batch(router.deliver_batch))
+        if mgr.batch_processor is not None:
+            self._wrap_scheduler(mgr.batch_processor)
+
+    def _patch(self, obj, name: str, new) -> None:
+        had = name in vars(obj)
+        self._patched.append((obj, name, vars(obj)[name] if had else None))
+        setattr(obj, name, new)
+
+    def detach(self) -> None:
+        """Remove all hooks and wrappers (PoC must be stopped first)."""
+        with self._lock:
+            self._running = False
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for obj, name, old in reversed(self._patched):
+            if old is None:
+                try:
+                    delattr(obj, name)
+                except AttributeError:
+                    pass
+            else:
+                setattr(obj, name, old)
+        self._patched.clear()
+
+    def _wrap_create_bp(self, original):
+        def create_batch_processor():
+            bp = original()
+            self._wrap_scheduler(bp)
+            return bp
+
+        return create_batch_processor
+
+    def _wrap_scheduler(self, bp) -> None:
+        sched = self._cb.scheduler(bp)
+        if getattr(sched, "_cpoc_wrapped", False):
+            return
+        sched._cpoc_wrapped = True
+        self._patch(sched, "schedule_batch", self._make_schedule(sched, bp, sched.schedule_batch))
+        self._patch(sched, "has_pending_requests", self._make_has_pending(sched.has_pending_requests))
+
+    # -------------------------------------------------------------------------------------- control
+    def start(self, block_hash: str, public_key: str, nonce_iterator: Iterable[int], seq_len: int,
+              k: int = K_DIM, stronger_rng: bool = False) -> None:
+        """Begin admitting nonces from ``nonce_iterator`` for this round (non-blocking)."""
+        if seq_len <= 0 or not 0 < k <= self.hidden:
+            raise ValueError(f"need seq_len > 0 and 0 < k <= {self.hidden}, got seq_len={seq_len}, k={k}")
+        from cpoc_kernels.reference.householder import layer_vector
+
+        with self._lock:
+            if self._running:
+                raise RuntimeError("continuous PoC already running; stop() it first")
+            if self._tracker is not None and len(self._tracker):
+                raise RuntimeError("nonces of the previous round are still in flight")
+            vectors = [layer_vector(block_hash, i, self.hidden, device=self.device) for i in range(len(self.layers))]
+            self._round = dict(block_hash=block_hash, public_key=public_key, seq_len=seq_len, k=k,
+                               stronger_rng=stronger_rng, vectors=vectors, iterator=iter(nonce_iterator),
+                               exhausted=False)
+            self._tracker = NonceTracker(seq_len=seq_len, prefix=self._prefix)
+            self._failed, self._error = None, None
+            if self.governor is not None:
+                self.governor = None  # rebuilt on the next step for this round's seq_len
+            self._t_start, self._t_stop = time.perf_counter(), None
+            self._running = True
+        self._cb.wake()
+
+    def stop(self, drain: bool = True, timeout: float | None = 30.0) -> None:
+        """Stop admitting nonces. ``drain``: wait (up to ``timeout`` s) for in-flight nonces to be read out;
+        otherwise (or on timeout) cancel them."""
+        with self._lock:
+            self._running = False
+        tracker = self._tracker
+        if tracker is None:
+            return
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        if drain:
+            while len(tracker) and self._failed is None and self._cb.manager.is_running():
+                if deadline is not None and time.perf_counter() > deadline:
+                    break
+                time.sleep(0.005)
+        self._cancel_in_flight()
+        with self._lock:
+            if self._t_stop is None:
+                self._t_stop = time.perf_counter()
+        self._queue.put(None)
+
+    def _cancel_in_flight(self) -> None:
+        tracker = self._tracker
+        if tracker is None:
+            return
+        for state in tracker.clear():
+            try:
+                self._cb.manager.cancel_request(state.request_id)
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+
+    def wait(self, nonces: int | None = None, timeout: float | None = None) -> bool:
+        """Block until ``nonces`` nonces are done (None: the iterator is exhausted and nothing is in flight),
+        PoC failed, or ``timeout`` s passed. True if the goal was reached."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while True:
+            if self._failed is not None:
+                return False
+            if nonces is not None and self._counters["nonces_done"] >= nonces:
+                return True
+            if nonces is None and self._round is not None and self._round["exhausted"] and not (
+                    self._tracker is not None and len(self._tracker)):
+                return True
+            if deadline is not None and time.perf_counter() > deadline:
+                return False
+            time.sleep(0.002)
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def failed(self) -> bool:
+        return self._failed is not None
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def artifacts(self, timeout: float | None = None) -> Iterator[Artifact]:
+        """Artifacts as they are produced, until :meth:`stop` (or ``timeout`` s without a new one)."""
+        while True:
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                return
+            if item is None:
+                return
+            yield item
+
+    # -------------------------------------------------------------------------------------- failure handling
+    def _fail(self, exc: BaseException, where: str) -> None:
+        with self._lock:
+            if self._failed is not None:
+                return
+            self._failed = f"{where}: {type(exc).__name__}: {exc}"
+            self._error = exc
+            self._traceback = traceback.format_exc()
+            self._running = False
+            if self.governor is not None:
+                self.governor.stop(self._failed)
+            if self._t_stop is None and self._t_start is not None:
+                self._t_stop = time.perf_counter()
+        self._cancel_in_flight()
+        self._queue.put(None)
+
+    def _guard(self, fn):
+        """Run a hook body; any exception disables PoC instead of reaching the engine loop."""
+        name = getattr(fn, "__name__", "hook")
+
+        def guarded(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - never let PoC break chat
+                self._fail(exc, name)
+                return None
+
+        return guarded
+
+    # -------------------------------------------------------------------------------------- scheduling
+    def _engaged(self) -> bool:
+        return (self._running and self._failed is None) or (self._tracker is not None and len(self._tracker) > 0)
+
+    def _make_has_pending(self, original):
+        def has_pending_requests() -> bool:
+            if original():
+                return True
+            try:
+                return (self._running and self._failed is None and not self._round["exhausted"]
+                        and not self._cb.stopping())
+            except Exception:  # noqa: BLE001
+                return False
+
+        return has_pending_requests
+
+    def _ensure_governor(self, cache) -> Governor:
+        if self.governor is None:
+            capacity, _ = self._cb.kv_tokens(cache)
+            config = GovernorConfig(max_batch_tokens=self._cb.max_batch_tokens(cache), kv_tokens_capacity=capacity,
+                                    mode=self.mode, slo_overhead=self.slo_overhead,
+                                    poc_seq_len=self._round["seq_len"], **self.governor_options)
+            self.governor = Governor(config, self._step_time_model)
+            if self._failed is not None:
+                self.governor.stop(self._failed)
+        return self.governor
+
+    def _make_schedule(self, sched, bp, original):
+        cb = self._cb
+
+        def schedule_batch(token_budget: int, cache_budget: int):
+            if not self._engaged():
+                return original(token_budget, cache_budget)
+            tracker = self._tracker
+            is_poc = tracker.is_poc_request
+            # 1. chat first, with the whole budget, as if PoC did not exist
+            hidden = cb.hide(sched, lambda rid: not is_poc(rid))
+            try:
+                chat = original(token_budget, cache_budget)
+                waiting_chat = len(sched.waiting_requests)
+                starved = list(getattr(sched, "starved_requests", []))
+            finally:
+                cb.restore(sched, hidden)
+            chat_batch, chat_fast, chat_q, chat_kv = chat
+            if chat_batch is None:
+                return chat
+            try:
+                return self._schedule_poc(sched, bp, original, chat, token_budget, cache_budget, waiting_chat,
+                                          starved)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(exc, "schedule")
+                return chat
+
+        return schedule_batch
+
+    def _schedule_poc(self, sched, bp, original, chat, token_budget, cache_budget, waiting_chat, starved):
+        cb, tracker = self._cb, self._tracker
+        chat_batch, chat_fast, chat_q, chat_kv = chat
+        cache = cb.cache(bp)
+        governor = self._ensure_governor(cache)
+        _, kv_free = cb.kv_tokens(cache)
+        decode_reqs = sum(1 for fs in chat_batch if fs.query_length == 1 and fs.state.generated_len() > 0)
+        load = StepLoad(chat_tokens=int(chat_q), kv_tokens_free=max(0, kv_free), chat_decode_requests=decode_reqs,
+                        chat_prefill_tokens=int(chat_q) - decode_reqs, waiting_chat_requests=waiting_chat,
+                        poc_tokens_pending=tracker.pending_tokens)
+        budget = governor.decide(load)
+        governor.record(budget)
+        tokens = budget.tokens
+        if self._running and self._failed is None and budget.new_requests > 0 and not cb.stopping():
+            self._admit(sched, budget.new_requests)
+        tokens = min(tokens, token_budget - chat_q, tracker.pending_tokens)
+        requests_left = sched.max_requests_per_batch - len(chat_batch)
+        if tokens <= 0 or requests_left <= 0 or self._failed is not None:
+            return chat
+        # 2. PoC only into what is left (in-flight nonces first: FIFO over active, then waiting)
+        hidden = cb.hide(sched, tracker.is_poc_request)
+        saved_max = sched.max_requests_per_batch
+        sched.max_requests_per_batch = requests_left
+        try:
+            poc_batch, poc_fast, poc_q, poc_kv = original(tokens, max(0, cache_budget - chat_kv))
+        finally:
+            sched.max_requests_per_batch = saved_max
+            cb.restore(sched, hidden)
+            sched.starved_requests = starved + list(getattr(sched, "starved_requests", []) or [])
+        if not poc_batch:
+            return chat
+        fast = poc_fast if not chat_batch else (chat_fast and poc_fast)
+        return list(chat_batch) + list(poc_batch), fast, chat_q + poc_q, chat_kv + poc_kv
+
+    def _admit(self, sched, n: int) -> None:
+        rnd, tracker = self._round, self._tracker
+        nonces = []
+        while len(nonces) < n and not rnd["exhausted"]:
+            try:
+                nonces.append(check_nonce(next(rnd["iterator"])))
+            except StopIteration:
+                rnd["exhausted"] = True
+        if not nonces:
+            return
+        seq_len = rnd["seq_len"]
+        embeds = poc_input_embeddings(rnd["block_hash"], rnd["public_key"], nonces, seq_len, self.hidden,
+                                      self.dtype, self.device, rnd["stronger_rng"])
+        placeholder = [0] * seq_len
+        for nonce, emb in zip(nonces, embeds):
+            rid = tracker.request_id_for(nonce)
+            tracker.admit(nonce, rid, emb)
+            sched.add_waiting_request(self._cb.new_request_state(rid, placeholder))
+        self._counters["nonces_admitted"] += len(nonces)
+
+    # -------------------------------------------------------------------------------------- forward hooks
+    def _on_step_start(self, module, args, kwargs):
+        self._step = None
+        tracker = self._tracker
+        cu = kwargs.get("cu_seq_lens_q")
+        pos = kwargs.get("position_ids")
+        num_rows = int(pos.shape[-1]) if torch.is_tensor(pos) else 0
+        step = _Step(t0=time.perf_counter(), total_rows=num_rows, thread=threading.get_ident())
+        self._step = step
+        if tracker is None or not len(tracker) or cu is None or pos is None:
+            return None
+        reqs = self._cb.requests_in_batch()
+        ids = [self._cb.request_id(fs) for fs in reqs]
+        if not any(tracker.is_poc_request(r) for r in ids):
+            return None
+        # LM-head row selection first (needs only ids): it must hold even if everything else fails
+        # logits_indices has one entry per request: first the rows of requests that sample a token (in batch
+        # order), then unused entries (row 0); only the chat entries among the first kind are kept
+        logit_owner = [rid for rid, fs in zip(ids, reqs) if self._cb.has_new_token(fs)]
+        step.lm_keep = [j for j, rid in enumerate(logit_owner) if not tracker.is_poc_request(rid)]
+        li = kwargs.get("logits_indices")
+        step.lm_rows_in = int(li.numel()) if torch.is_tensor(li) else len(logit_owner)
+        rows = PoCRows.from_flat_batch(cu.tolist(), pos.reshape(-1).tolist(), ids, tracker.nonce_of,
+                                       tracker.seq_len, num_rows=num_rows)
+        step.rows = rows
+        step.poc_rows = rows.num_poc_rows
+        step.compute = bool(rows) and self._failed is None
+        if step.compute:
+            step.row_index = rows.row_index(self.device)
+            step.readout = rows.readout_rows(self.device)
+            by_nonce = {seg.nonce: seg.request_id for seg in rows.segments}
+            step.inputs = rows.gather_inputs(lambda n: tracker.inputs_of_request(by_nonce[n]))
+        return None
+
+    def _current(self) -> _Step | None:
+        """This thread's step, if a manager step is running in it (other forwards of the model are ignored)."""
+        step = self._step
+        return step if step is not None and step.thread == threading.get_ident() else None
+
+    def _on_step_end(self, module, args, output):
+        step = self._current()
+        if step is None:
+            return None
+        self._step = None
+        dt = time.perf_counter() - step.t0
+        c = self._counters
+        c["steps"] += 1
+        c["poc_tokens"] += step.poc_rows
+        c["chat_tokens"] += step.total_rows - step.poc_rows
+        if step.poc_rows:
+            c["poc_steps"] += 1
+            if step.rows is not None:
+                c["nonces_split"] += sum(1 for seg in step.rows.segments if seg.position == 0 and not seg.completes)
+                if self._tracker is not None:
+                    self._tracker.advance(step.rows)
+        if self.governor is not None and step.total_rows > 0 and dt > 0:
+            self.governor.observe(step.total_rows, step.poc_rows, dt)
+        return None
+
+    def _on_embed(self, module, args, output):
+        step = self._current()
+        if step is None or not step.compute or self._failed is not None:
+            return None
+        flat = output.view(-1, output.shape[-1])
+        flat.index_copy_(0, step.row_index, step.inputs.to(device=flat.device, dtype=flat.dtype))
+        return output
+
+    def _make_layer_hook(self, i: int):
+        def layer_hook(module, args, output):
+            step = self._current()
+            if step is None or not step.compute or self._failed is not None:
+                return None
+            v = self._round["vectors"][i]
+            hs = output if torch.is_tensor(output) else output[0]
+            reflect_rows_(hs.view(-1, hs.shape[-1]), step.row_index, v)
+            return output
+
+        layer_hook.__name__ = f"layer_{i}"
+        return layer_hook
+
+    def _on_final_norm(self, module, args, output):
+        step = self._current()
+        if step is None or not step.compute or self._failed is not None or not step.readout.numel():
+            return None
+        rnd = self._round
+        flat = output.view(-1, output.shape[-1])
+        hs = flat.index_select(0, step.readout).float()
+        nonces = step.rows.readout_nonces()
+        kept, vecs = readout_vectors(hs, rnd["block_hash"], rnd["public_key"], nonces, rnd["k"])
+        self._counters["nonces_dropped_nan"] += len(nonces) - len(kept)
+        for nonce, vec in zip(kept, vecs):
+            self._emit(Artifact.from_vector(nonce, vec))
+        self._counters["nonces_done"] += len(nonces)
+        return None
+
+    def _emit(self, artifact: Artifact) -> None:
+        self.collected.append(artifact)
+        self._queue.put(artifact)
+        if self.on_artifact is not None:
+            try:
+                self.on_artifact(artifact)
+            except Exception as exc:  # noqa: BLE001 - a user callback error does not stop PoC
+                self._counters["callback_errors"] += 1
+                self._last_callback_error = f"{type(exc).__name__}: {exc}"
+
+    def _on_lm_head_in(self, module, args):
+        step = self._current()
+        try:
+            x = args[0]
+            n = x.shape[-2]
+            if step is None:
+                return None
+            if step.lm_keep is None:
+                self._counters["lm_head_rows"] += n
+                return None
+            if n == step.lm_rows_in:
+                keep = step.lm_keep
+            elif step.rows is not None and n == step.rows.num_rows:  # model without logits_to_keep
+                keep = step.rows.chat_rows()
+            else:
+                raise PoCFailure(f"lm_head got {n} rows; expected {step.lm_rows_in} logits rows")
+            step.lm_full, step.lm_index = n, torch.tensor(keep, dtype=torch.int64, device=x.device)
+            self._counters["lm_head_rows"] += len(keep)
+            return (x.index_select(-2, step.lm_index),) + tuple(args[1:])
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc, "lm_head")
+            return None
+
+    def _on_lm_head_out(self, module, args, output):
+        step = self._current()
+        if step is None or step.lm_index is None:
+            return None
+        full = output.new_zeros(output.shape[:-2] + (step.lm_full, output.shape[-1]))
+        full.index_copy_(-2, step.lm_index, output)
+        step.lm_index = None
+        return full
+
+    # -------------------------------------------------------------------------------------- outputs
+    def _is_poc_output(self, output) -> bool:
+        rid = getattr(output, "request_id", None)
+        return isinstance(rid, str) and rid.startswith(self._prefix + "-")
+
+    def _on_poc_output(self, output) -> None:
+        self._counters["poc_outputs_filtered"] += 1
+        tracker = self._tracker
+        if tracker is not None and output.is_finished():
+            state = tracker.finish(output.request_id)
+            if state is not None and not state.done and self._failed is None and getattr(output, "error", None):
+                self._fail(PoCFailure(f"PoC request {output.request_id} failed: {output.error}"), "engine")
+
+    def _on_chat_output(self, output) -> None:
+        try:
+            if output.is_finished() and getattr(output, "error", None) is None:
+                now = time.perf_counter()
+                self._latencies.append(now - output.created_time)
+                self._counters["chat_requests_done"] += 1
+                if self._round is not None:
+                    shape = self._model_shape()
+                    if shape is not None:
+                        from cpoc_kernels.cost import nonces_per_request
+
+                        self._counters["chat_work_in_nonces"] += nonces_per_request(
+                            shape, max(1, len(output.prompt_ids)), max(1, len(output.generated_tokens)),
+                            self._round["seq_len"])
+        except Exception:  # noqa: BLE001 - stats only
+            pass
+
+    def _wrap_deliver(self, original):
+        def deliver(output):
+            if self._is_poc_output(output):
+                self._on_poc_output(output)
+                return None
+            self._on_chat_output(output)
+            return original(output)
+
+        return deliver
+
+    def _wrap_deliver_batch(self, original):
+        def deliver_batch(outputs):
+            chat = []
+            for out in outputs:
+                if self._is_poc_output(out):
+                    self._on_poc_output(out)
+                else:
+                    self._on_chat_output(out)
+                    chat.append(out)
+            if chat:
+                return original(chat)
+            return None
+
+        return deliver_batch
+
+    # -------------------------------------------------------------------------------------- stats
+    def _model_shape(self):
+        if not hasattr(self, "_shape"):
+            try:
+                from cpoc_kernels.cost import ModelShape
+
+                self._shape = ModelShape.from_hf_config(self.model.config)
+            except Exception:  # noqa: BLE001
+                self._shape = None
+        return self._shape
+
+    def exchange_rate(self, prompt_len: int, output_len: int) -> float:
+        """Nonces one chat request of this shape is worth (cost model, protocol §5.3) at this round's seq_len."""
+        from cpoc_kernels.cost import nonces_per_request
+
+        seq_len = self._round["seq_len"] if self._round else 1024
+        return nonces_per_request(self._model_shape(), prompt_len, output_len, seq_len)
+
+    def chat_latencies(self) -> list[float]:
+        """End-to-end latencies (s) of the chat requests finished while attached (most recent window)."""
+        return list(self._latencies)
+
+    def stats(self) -> dict:
+        """Live counters: nonces/s, PoC share of tokens, chat latency percentiles, governor, cost, errors."""
+        c = dict(self._counters)
+        now = time.perf_counter()
+        t0, t1 = self._t_start, self._t_stop
+        elapsed = 0.0 if t0 is None else (t1 if t1 is not None else now) - t0
+        lat = sorted(self._latencies)
+
+        def pct(p: float) -> float | None:
+            if not lat:
+                return None
+            return lat[min(len(lat) - 1, max(0, math.ceil(p / 100 * len(lat)) - 1))]
+
+        total = c["chat_tokens"] + c["poc_tokens"]
+        out = dict(c)
+        out.update(
+            running=self._running,
+            failed=self._failed is not None,
+            error=self._failed,
+            in_flight=0 if self._tracker is None else len(self._tracker),
+            elapsed_s=elapsed,
+            nonces_per_s=(c["nonces_done"] / elapsed) if elapsed > 0 else 0.0,
+            poc_token_share=(c["poc_tokens"] / total) if total else 0.0,
+            chat_latency_s={"p50": pct(50), "p90": pct(90), "p99": pct(99), "n": len(lat)},
+            governor=None if self.governor is None else self.governor.stats(),
+        )
+        shape = self._model_shape()
+        if shape is not None and self._round is not None:
+            from cpoc_kernels.cost import nonce_flops
+
+            out["cost"] = {"nonce_flops": nonce_flops(shape, self._round["seq_len"]),
+                           "chat_work_in_nonces": c["chat_work_in_nonces"]}
+        return out

@@ -1,0 +1,253 @@
+"""Continuous PoC inside transformers' continuous batching (CPU, fp32, cpoc-tiny).
+
+Artifacts must equal a pure-PoC run (PoCRunner, plain [B, S, H] batches), chat must be untouched (greedy
+tokens identical with PoC on/off, no PoC in chat outputs, no PoC row at the LM head), a crash inside PoC
+handling must stop PoC only, and the governor in ``off`` mode must add no PoC row.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import GenerationConfig  # noqa: E402
+
+from cpoc_kernels.integrations.hf import continuous  # noqa: E402
+from cpoc_kernels.integrations.hf.continuous import ContinuousPoC, cb_config  # noqa: E402
+from cpoc_kernels.integrations.hf.models import build_model  # noqa: E402
+from cpoc_kernels.integrations.hf.runner import PoCRunner  # noqa: E402
+from cpoc_kernels.validate import validate  # noqa: E402
+
+BH, PK = "0x7c1e-continuous-test-block", "cpoc-test-node-pubkey"
+SEQ_LEN = 40
+MAX_BATCH_TOKENS = 32  # < SEQ_LEN: every nonce is prefilled in at least two chunks
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model("cpoc-tiny", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def pure(model):
+    """Pure-PoC artifacts, {nonce: fp16 vector}, computed once per nonce set."""
+    cache: dict[tuple[int, ...], dict[int, np.ndarray]] = {}
+
+    def get(nonces):
+        key = tuple(nonces)
+        if key not in cache:
+            arts = PoCRunner(model, BH, PK, SEQ_LEN, batch_size=8).run(nonces)
+            cache[key] = {a.nonce: a.vector() for a in arts}
+        return cache[key]
+
+    return get
+
+
+def chat_workload(seed: int, n: int):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(1, 500, size=int(rng.integers(3, 30))).tolist() for _ in range(n)]
+    max_new = [int(rng.integers(2, 8)) for _ in range(n)]
+    return prompts, max_new
+
+
+class Probe:
+    """Test-side hooks (registered after ContinuousPoC's): which rows are PoC, what reaches the LM head."""
+
+    def __init__(self, model, manager):
+        self.manager = manager
+        self.poc_rows: set[int] = set()
+        self.final = None
+        self.lm_rows = 0
+        self.lm_poc_rows = 0
+        self.chat_rows_per_step: list[tuple] = []
+        self.handles = [
+            model.register_forward_pre_hook(self._step, with_kwargs=True),
+            model.model.norm.register_forward_hook(self._norm),
+            model.lm_head.register_forward_pre_hook(self._lm),
+        ]
+
+    def _step(self, module, args, kwargs):
+        reqs = self.manager.batch_processor.inputs_and_outputs.requests_in_batch
+        cu = kwargs["cu_seq_lens_q"].tolist()
+        self.poc_rows = set()
+        chat = []
+        for i, fs in enumerate(reqs):
+            rid = fs.state.request_id
+            if rid.startswith("cpoc-"):
+                self.poc_rows.update(range(cu[i], cu[i + 1]))
+            else:
+                chat.append((rid, cu[i + 1] - cu[i]))
+        if chat:
+            self.chat_rows_per_step.append(tuple(chat))
+
+    def _norm(self, module, args, output):
+        self.final = output[0].detach().clone()
+
+    def _lm(self, module, args):
+        x = args[0][0]
+        self.lm_rows += x.shape[0]
+        for row in x:
+            hits = (self.final == row).all(dim=-1).nonzero().flatten().tolist()
+            if hits and all(h in self.poc_rows for h in hits):
+                self.lm_poc_rows += 1
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def run_session(model, *, nonces=(), prompts=(), max_new=(), poc=True, mode="fill", late_chat=0,
+                max_batch_tokens=MAX_BATCH_TOKENS, probe=False, on_artifact=None, wait_nonces=True):
+    """One CB session: chat requests (all queued before start, the last ``late_chat`` after PoC started)
+    and optionally continuous PoC over ``nonces``. Returns a dict of what happened."""
+    gen = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb_config(
+        max_batch_tokens=max_batch_tokens, num_blocks=64, page_size=16, max_requests_per_batch=16))
+    cp = ContinuousPoC(model, mgr, mode=mode, on_artifact=on_artifact) if poc else None
+    pr = Probe(model, mgr) if probe else None
+    chat_ids, outputs = [], {}
+    n_early = len(prompts) - late_chat
+    try:
+        for p, m in zip(prompts[:n_early], max_new[:n_early]):
+            chat_ids.append(mgr.add_request(p, max_new_tokens=m))
+        if cp is not None:
+            cp.start(BH, PK, iter(list(nonces)), SEQ_LEN)
+        mgr.start()
+        if cp is not None and late_chat:
+            cp.wait(nonces=1, timeout=TIMEOUT)
+        for p, m in zip(prompts[n_early:], max_new[n_early:]):
+            chat_ids.append(mgr.add_request(p, max_new_tokens=m))
+        while len(outputs) < len(chat_ids):
+            out = mgr.get_result(timeout=TIMEOUT)
+            assert out is not None, "chat request not served"
+            assert out.request_id in chat_ids, f"non-chat output {out.request_id!r} in the chat stream"
+            assert out.error is None, out.error
+            outputs[out.request_id] = list(out.generated_tokens)
+        if cp is not None and wait_nonces and nonces:
+            cp.wait(nonces=len(nonces), timeout=TIMEOUT)
+        if cp is not None:
+            cp.stop(drain=True, timeout=TIMEOUT)
+        stray = mgr.get_result(timeout=0.05)
+        assert stray is None, f"unexpected output {stray.request_id!r}"
+    finally:
+        mgr.stop(block=True, timeout=TIMEOUT)
+        if cp is not None:
+            cp.detach()
+        if pr is not None:
+            pr.remove()
+    return dict(chat=[outputs[i] for i in chat_ids], cp=cp, probe=pr,
+                stats=None if cp is None else cp.stats(),
+                artifacts=None if cp is None else {a.nonce: a.vector() for a in cp.collected},
+                collected=None if cp is None else list(cp.collected))
+
+
+def assert_equivalent(got: dict, ref: dict, collected) -> int:
+    assert sorted(got) == sorted(ref), "every nonce yields exactly one artifact"
+    assert len(collected) == len(got), "no duplicate artifacts"
+    dist = {n: float(np.linalg.norm(got[n].astype(np.float64) - ref[n].astype(np.float64))) for n in ref}
+    assert max(dist.values()) <= 1e-3, dist
+    res = validate(collected, {n: v for n, v in ref.items()}, dist_threshold=0.2)
+    assert res.n_mismatch == 0 and res.n_skipped == 0
+    return sum(np.array_equal(got[n], ref[n]) for n in ref)
+
+
+@pytest.mark.parametrize("n_chat, late", [(0, 0), (3, 0), (8, 4)], ids=["idle", "light", "heavy+late"])
+def test_mixed_artifacts_equal_pure_poc(model, pure, n_chat, late):
+    nonces = list(range(100, 112))
+    prompts, max_new = chat_workload(seed=n_chat, n=n_chat)
+    run = run_session(model, nonces=nonces, prompts=prompts, max_new=max_new, late_chat=late)
+    st = run["stats"]
+    assert not st["failed"], st["error"]
+    assert st["nonces_done"] == len(nonces) and st["in_flight"] == 0
+    assert st["nonces_split"] > 0, "chunked prefill must split some nonce over steps"
+    if n_chat:
+        assert st["chat_requests_done"] == n_chat
+    identical = assert_equivalent(run["artifacts"], pure(nonces), run["collected"])
+    print(f"\n{n_chat} chat requests: {identical}/{len(nonces)} artifacts bit-identical to pure PoC")
+
+
+def test_chat_untouched_and_lm_head_never_sees_poc(model):
+    nonces = list(range(7, 15))
+    for seed in range(4):
+        prompts, max_new = chat_workload(seed=1000 + seed, n=6)
+        off = run_session(model, prompts=prompts, max_new=max_new, poc=False, probe=True)
+        on = run_session(model, nonces=nonces, prompts=prompts, max_new=max_new, probe=True)
+        assert on["chat"] == off["chat"], f"seed {seed}: chat tokens changed by PoC"
+        # chat was scheduled exactly as without PoC (same chat rows in the same steps, in order)
+        assert on["probe"].chat_rows_per_step == off["probe"].chat_rows_per_step
+        assert on["stats"]["nonces_done"] == len(nonces) and on["stats"]["poc_tokens"] > 0
+        assert on["probe"].lm_poc_rows == 0, "a PoC row reached the LM head"
+        assert on["probe"].lm_rows > 0
+        assert on["stats"]["poc_outputs_filtered"] == len(nonces)
+
+
+def test_lm_head_probe_detects_leak(model, monkeypatch):
+    """The probe above can fail: without the LM-head filter, PoC rows do reach the LM head."""
+    monkeypatch.setattr(ContinuousPoC, "_on_lm_head_in", lambda self, module, args: None)
+    monkeypatch.setattr(ContinuousPoC, "_on_lm_head_out", lambda self, module, args, output: None)
+    run = run_session(model, nonces=[1, 2, 3], probe=True)
+    assert run["probe"].lm_poc_rows > 0
+
+
+def test_crash_in_poc_stops_poc_chat_continues(model, monkeypatch):
+    prompts, max_new = chat_workload(seed=7, n=6)
+    off = run_session(model, prompts=prompts, max_new=max_new, poc=False)
+    calls = {"n": 0}
+    real = continuous.reflect_rows_
+
+    def flaky(hidden2d, rows, v):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("injected PoC fault")
+        real(hidden2d, rows, v)
+
+    monkeypatch.setattr(continuous, "reflect_rows_", flaky)
+    on = run_session(model, nonces=list(range(50)), prompts=prompts, max_new=max_new, late_chat=3,
+                     wait_nonces=False, probe=True)
+    st = on["stats"]
+    assert st["failed"] and "injected PoC fault" in st["error"]
+    assert not st["running"] and st["in_flight"] == 0
+    assert st["nonces_done"] < 50
+    assert on["chat"] == off["chat"]
+    assert on["probe"].lm_poc_rows == 0
+    assert st["governor"]["stopped_reason"]
+
+
+def test_governor_off_adds_no_poc_rows(model):
+    prompts, max_new = chat_workload(seed=3, n=4)
+    run = run_session(model, nonces=list(range(10)), prompts=prompts, max_new=max_new, mode="off",
+                      wait_nonces=False, probe=True)
+    st = run["stats"]
+    assert st["poc_tokens"] == 0 and st["nonces_admitted"] == 0 and st["nonces_done"] == 0
+    assert run["probe"].poc_rows == set() and st["chat_tokens"] > 0
+    assert st["governor"]["decisions"]["off"] > 0
+
+
+def test_artifact_stream_callback_iterator_and_stats(model, pure):
+    nonces = [3, 1, 4, 15, 9, 2]
+    seen = []
+    run = run_session(model, nonces=nonces, on_artifact=seen.append)
+    cp = run["cp"]
+    assert [a.nonce for a in seen] == [a.nonce for a in run["collected"]]
+    assert sorted(a.nonce for a in cp.artifacts(timeout=1)) == sorted(nonces)  # iterator ends after stop()
+    st = run["stats"]
+    assert st["nonces_per_s"] > 0 and 0 < st["poc_token_share"] <= 1
+    assert st["poc_tokens"] == len(nonces) * SEQ_LEN
+    assert st["cost"]["nonce_flops"] > 0
+    assert cp.exchange_rate(100, 20) > 0
+    assert_equivalent(run["artifacts"], pure(nonces), run["collected"])
+
+
+def test_requires_no_block_sharing(model):
+    from transformers import ContinuousBatchingConfig
+
+    gen = GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=ContinuousBatchingConfig(
+        max_batch_tokens=32, num_blocks=16, page_size=16, allow_block_sharing=True, use_cuda_graph=False,
+        use_async_batching=False, auto_switch_to_flash=False))
+    with pytest.raises(ValueError, match="allow_block_sharing"):
+        ContinuousPoC(model, mgr)
