@@ -19,9 +19,10 @@ Rules (chat always first):
   the KV left after the pending PoC tokens still holds a whole nonce (``reserve`` is kept for chat growth).
 * ``fill`` (default): with chat present, the predicted step time with PoC must stay
   ≤ ``(1 + slo_overhead)`` × the predicted chat-only step time. Since TPOT is the step time of a decode
-  step, this bounds the slowdown of chat time-per-output-token. The bound uses the model's *marginal*
-  cost per PoC token (an upper confidence bound), so a step's fixed overhead makes small PoC additions
-  cheap. With no chat in the step there is nothing to slow down: PoC fills up to ``idle_max_tokens``
+  step, this bounds the slowdown of chat time-per-output-token. The bound uses the time the PoC tokens
+  *add* to this step (mean + ``confidence_z`` standard deviations of the fit), against a budget that
+  is a fraction of the whole chat step, so a step's fixed overhead makes small PoC additions cheap.
+  With no chat in the step there is nothing to slow down: PoC fills up to ``idle_max_tokens``
   (default: the whole batch). That idle step delays a chat request arriving during it by at most one
   such step; lower ``idle_max_tokens`` to bound that latency.
 * ``fixed-share``: PoC gets ``fixed_share × max_batch_tokens``, still behind chat and KV (no SLO).
@@ -263,7 +264,7 @@ class GovernorConfig:
     """Attention pairs per PoC token, if the glue reports attention keys (a full nonce averages
     ``(poc_seq_len + 1) / 2``); None: attention is folded into the per-token cost."""
     confidence_z: float = 1.0
-    """Standard deviations added to the marginal PoC token cost (caution while the fit is uncertain)."""
+    """Standard deviations of the fit added to the predicted PoC time (caution while it is uncertain)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -435,8 +436,10 @@ class Governor:
         self._chat_tokens += total_tokens - poc_tokens
         self._poc_tokens += poc_tokens
         self._seconds += step_seconds
-        self._poc_seconds_estimate += min(
-            step_seconds, poc_tokens * self.model.marginal_seconds_per_token(self._keys_per_poc_token()))
+        keys_per_token = self._keys_per_poc_token()
+        self._poc_seconds_estimate += min(step_seconds, max(0.0, self.model.added_seconds(
+            total_tokens - poc_tokens, keys - poc_tokens * keys_per_token, poc_tokens,
+            poc_tokens * keys_per_token)))
 
     def record(self, budget: PoCBudget) -> None:
         """Count a decision the glue acted on (for :meth:`stats`)."""

@@ -1,6 +1,7 @@
 """Governor and online step-time model (cpoc_kernels/governor.py) against a synthetic engine."""
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import deque
@@ -261,6 +262,27 @@ def test_small_additions_are_cheap_because_of_the_fixed_overhead():
     assert large.tokens > small.tokens
 
 
+def test_attention_cost_of_poc_tokens_counts_against_the_slo():
+    """With attention reported, a PoC token is charged for the ~512 keys it attends; without, for the
+    average attention of whatever steps the fit saw (here chat rows attending up to 4000 keys)."""
+    rng = random.Random(8)
+    per_key = 5e-9
+    governors = {keys: Governor(config(poc_attention_keys_per_token=keys), StepTimeModel())
+                 for keys in (None, 512.5)}
+    for _ in range(400):
+        tokens = rng.randint(1, 4096)
+        keys = tokens * rng.randint(1, 4000)
+        seconds = (OVERHEAD + PER_TOKEN * tokens + per_key * keys) * (1 + rng.gauss(0, 0.01))
+        for governor in governors.values():
+            governor.observe(tokens, 0, seconds, attention_keys=keys)
+    load = ample_load(512, chat_attention_keys=512 * 2000)
+    bare, with_keys = governors[None].decide(load), governors[512.5].decide(load)
+    chat_seconds = OVERHEAD + PER_TOKEN * 512 + per_key * 512 * 2000
+    exact = 0.05 * chat_seconds / (PER_TOKEN + per_key * 512.5)
+    assert with_keys.tokens == pytest.approx(exact, rel=0.1)
+    assert abs(bare.tokens - exact) > 2 * abs(with_keys.tokens - exact)
+
+
 def test_bad_input_raises():
     for bad in [dict(mode="greedy"), dict(slo_overhead=-0.01), dict(fixed_share=1.5), dict(max_batch_tokens=0),
                 dict(kv_tokens_capacity=-5), dict(kv_reserve_fraction=1.0), dict(poc_seq_len=0),
@@ -310,9 +332,11 @@ def test_slo_respected_and_idle_capacity_filled():
     assert sum(ratios) / len(ratios) <= 1 + cfg.slo_overhead
     # and PoC takes what is admissible
     assert granted >= 0.9 * admissible
-    stats = governor.stats()
+    stats = json.loads(json.dumps(governor.stats()))  # plain JSON types
     assert stats["decisions"]["chat_full"] > 0 and stats["decisions"]["slo"] > 0
     assert stats["poc_tokens"] > 0 and 0 < stats["poc_token_share"] < 1
+    assert stats["model"]["seconds_per_token"] == pytest.approx(PER_TOKEN, rel=0.1)
+    assert 0 < stats["poc_seconds_estimate"] < stats["step_seconds_total"]
 
 
 def test_slo_respected_from_a_pessimistic_and_an_optimistic_prior():
@@ -510,8 +534,8 @@ def test_no_starvation_and_chat_schedule_unchanged(seed):
 # Invariants for any load
 
 
-def _observed_model(observations: list[tuple[int, float]]) -> StepTimeModel:
-    model = StepTimeModel()
+def _observed_model(observations: list[tuple[int, float]], knots: tuple[int, ...]) -> StepTimeModel:
+    model = StepTimeModel(knots=knots)
     for tokens, seconds in observations:
         model.observe(tokens, seconds)
     return model
@@ -536,12 +560,13 @@ configs = st.builds(
     idle_max_tokens=st.none() | st.integers(0, 8192),
 )
 observation_lists = st.lists(st.tuples(st.integers(0, 8192), st.floats(1e-4, 1.0)), max_size=20)
+knot_choices = st.sampled_from([(), (256,), (128, 1024, 4096)])
 
 
 @settings(max_examples=300, deadline=None)
-@given(cfg=configs, load=loads, observations=observation_lists)
-def test_budget_invariants(cfg, load, observations):
-    governor = Governor(cfg, _observed_model(observations))
+@given(cfg=configs, load=loads, observations=observation_lists, knots=knot_choices)
+def test_budget_invariants(cfg, load, observations, knots):
+    governor = Governor(cfg, _observed_model(observations, knots))
     budget = governor.decide(load)
     assert isinstance(budget, PoCBudget)
     assert budget.tokens >= 0 and budget.new_requests >= 0
