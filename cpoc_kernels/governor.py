@@ -94,7 +94,8 @@ class StepTimeModel:
     window, so the fit follows changes in the engine, and a direction the recent steps do not vary
     (e.g. PoC always filling the batch to the same size) falls back to the prior and its uncertainty,
     which makes the governor cautious again instead of trusting an untested belief. Overhead, per-token
-    and per-key costs are clamped at ≥ 0. Deterministic: the fit depends only on the window and prior.
+    and per-key costs are clamped at ≥ 0. Deterministic: the same steps give the same fit (the
+    reweighting starts from the previous fit). Cost: one small solve per step, ~0.2 ms in numpy.
     """
 
     _TOKEN_UNIT = 1e3  # features are kept O(1): thousands of tokens, millions of keys
