@@ -13,6 +13,7 @@ CPU torch (a few fp32 ulp apart). bf16/fp16 outputs are the RNE cast of the fp32
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -149,13 +150,15 @@ def _sin(x, MATH: tl.constexpr):
 def _normals_kernel(
     out_ptr, seeds_ptr, n, seg_len, seg_pairs, seq_len, hidden, row_stride, row_offset, n_nonces,
     NSEG: tl.constexpr, KIND: tl.constexpr, MATH: tl.constexpr, BLOCK: tl.constexpr, FLAT: tl.constexpr,
+    CONTIG: tl.constexpr,
 ):
-    """One program = BLOCK Box–Muller pairs of one nonce (grid: pair blocks × nonces), or, when a nonce
-    has fewer than BLOCK pairs (FLAT), BLOCK consecutive pairs of the flattened (nonce, pair) space.
+    """Box–Muller pairs -> output elements. Grid: (pair blocks, segment, nonce), or, when a segment has fewer
+    than BLOCK pairs (FLAT), 1-D over the flattened (nonce, segment, pair) space.
 
-    Pair q of segment s (local index j) makes elements s*L + j (cos) and s*L + P_s + j (sin) of the flat
-    [seq_len*hidden] normals, L = seg_len, P_s = ceil(m_s/2), m_s = min(L, n - s*L); keys (j, P_s + j).
-    Flat element f lands at out[row_offset + b*seq_len + f // hidden, f % hidden].
+    Pair j of segment s makes elements s*L + j (cos) and s*L + P_s + j (sin) of the flat [seq_len*hidden]
+    normals, L = seg_len, P_s = ceil(m_s/2), m_s = min(L, n - s*L); keys (j, P_s + j), seed seeds[b, s].
+    Flat element f lands at out[row_offset + b*seq_len + f // hidden, f % hidden] (CONTIG: rows are
+    contiguous, so that address is linear in f and no division is needed).
     """
     pid = tl.program_id(0)
     if FLAT:
@@ -163,21 +166,25 @@ def _normals_kernel(
         b = flat_q // (NSEG * seg_pairs)
         q = flat_q - b * (NSEG * seg_pairs)
         in_range = b < n_nonces
+        if NSEG == 1:
+            seg = tl.zeros_like(q)
+            j = q
+        else:
+            seg = q // seg_pairs
+            j = q - seg * seg_pairs
     else:
-        b = tl.program_id(1)
-        q = pid * BLOCK + tl.arange(0, BLOCK)
-        in_range = q < NSEG * seg_pairs
-    if NSEG == 1:
-        seg = tl.zeros_like(q)
-        j = q
-    else:
-        seg = q // seg_pairs
-        j = q - seg * seg_pairs
+        seg = tl.program_id(1)
+        b = tl.program_id(2)
+        j = pid * BLOCK + tl.arange(0, BLOCK)
+        in_range = j < seg_pairs
     seg_start = seg * seg_len
     m = tl.minimum(tl.maximum(n - seg_start, 0), seg_len)
     half = (m + 1) // 2
     valid = in_range & (j < half)
-    seed = tl.load(seeds_ptr + b * NSEG + seg, mask=valid, other=0).to(tl.uint32)
+    if FLAT:
+        seed = tl.load(seeds_ptr + b * NSEG + seg, mask=valid, other=0).to(tl.uint32)
+    else:
+        seed = tl.load(seeds_ptr + b * NSEG + seg).to(tl.uint32)
     u1 = _uniform(j.to(tl.uint32), seed)
     u2 = _uniform((half + j).to(tl.uint32), seed)
     u1 = tl.maximum(u1, 1e-10)
@@ -188,16 +195,22 @@ def _normals_kernel(
 
     base_row = row_offset + b * seq_len
     f0 = seg_start + j
-    t0 = f0 // hidden
-    p0 = out_ptr + (base_row + t0).to(tl.int64) * row_stride + (f0 - t0 * hidden)
-    _store_from_f32(p0, z0, valid, KIND)
     f1 = f0 + half
-    t1 = f1 // hidden
-    p1 = out_ptr + (base_row + t1).to(tl.int64) * row_stride + (f1 - t1 * hidden)
+    if CONTIG:
+        base = out_ptr + base_row.to(tl.int64) * hidden
+        p0 = base + f0
+        p1 = base + f1
+    else:
+        t0 = f0 // hidden
+        p0 = out_ptr + (base_row + t0).to(tl.int64) * row_stride + (f0 - t0 * hidden)
+        t1 = f1 // hidden
+        p1 = out_ptr + (base_row + t1).to(tl.int64) * row_stride + (f1 - t1 * hidden)
+    _store_from_f32(p0, z0, valid, KIND)
     _store_from_f32(p1, z1, valid & (half + j < m), KIND)
 
 
 _BLOCK = 1024
+_MAX_GRID_YZ = 65535
 
 
 def normals_into_triton(out: torch.Tensor, seeds: torch.Tensor, seq_len: int, row_offset: int = 0) -> None:
@@ -211,21 +224,24 @@ def normals_into_triton(out: torch.Tensor, seeds: torch.Tensor, seq_len: int, ro
     n = seq_len * hidden
     if nb == 0 or n == 0:
         return
+    seeds = seeds.contiguous()
     seg_len = -(-n // nseg)
     seg_pairs = (seg_len + 1) // 2
-    per_nonce = nseg * seg_pairs
-    flat = per_nonce < _BLOCK
+    flat = seg_pairs < _BLOCK
+    common = dict(NSEG=nseg, KIND=dtype_kind(out.dtype), MATH=math_mode(out.device), FLAT=flat,
+                  CONTIG=out.stride(0) == hidden, num_warps=4, **launch_opts(out.device))
     if flat:
-        block = min(_BLOCK, triton.next_power_of_2(nb * per_nonce))
-        grid = (triton.cdiv(nb * per_nonce, block),)
-    else:
-        block = _BLOCK
-        grid = (triton.cdiv(per_nonce, block), nb)
-    _normals_kernel[grid](
-        kernel_view(out), seeds.contiguous(), n, seg_len, seg_pairs, seq_len, hidden, out.stride(0), row_offset,
-        nb, NSEG=nseg, KIND=dtype_kind(out.dtype), MATH=math_mode(out.device), BLOCK=block, FLAT=flat, num_warps=4,
-        **launch_opts(out.device),
-    )
+        total = nb * nseg * seg_pairs
+        block = min(_BLOCK, triton.next_power_of_2(total))
+        _normals_kernel[(triton.cdiv(total, block),)](
+            kernel_view(out), seeds, n, seg_len, seg_pairs, seq_len, hidden, out.stride(0), row_offset, nb,
+            BLOCK=block, **common)
+        return
+    for b0 in range(0, nb, _MAX_GRID_YZ):  # grid axis 2 is limited to 65535 nonces per launch
+        chunk = seeds[b0 : b0 + _MAX_GRID_YZ]
+        _normals_kernel[(triton.cdiv(seg_pairs, _BLOCK), nseg, chunk.shape[0])](
+            kernel_view(out), chunk, n, seg_len, seg_pairs, seq_len, hidden, out.stride(0),
+            row_offset + b0 * seq_len, chunk.shape[0], BLOCK=_BLOCK, **common)
 
 
 # --------------------------------------------------------------------------------------------- torch paths
@@ -292,11 +308,15 @@ def poc_inputs(
     """
     if dtype not in SUPPORTED_INPUT_DTYPES:
         raise ValueError(f"dtype must be one of {SUPPORTED_INPUT_DTYPES}, got {dtype}")
-    if not isinstance(seq_len, int) or not isinstance(hidden, int) or seq_len <= 0 or hidden <= 0:
-        raise ValueError(f"seq_len and hidden must be positive ints, got {seq_len!r}, {hidden!r}")
+    try:
+        seq_len, hidden, row_offset = operator.index(seq_len), operator.index(hidden), operator.index(row_offset)
+    except TypeError:
+        raise ValueError(f"seq_len, hidden and row_offset must be ints, got {seq_len!r}, {hidden!r}, {row_offset!r}") from None
+    if seq_len <= 0 or hidden <= 0:
+        raise ValueError(f"seq_len and hidden must be positive, got {seq_len}, {hidden}")
     if seq_len * hidden >= 2**31:
         raise ValueError(f"seq_len*hidden must be < 2**31 (int32 element keys), got {seq_len * hidden}")
-    if not isinstance(row_offset, int) or row_offset < 0:
+    if row_offset < 0:
         raise ValueError(f"row_offset must be a non-negative int, got {row_offset!r}")
     nonces = [int(x) for x in nonces]
     nb = len(nonces)

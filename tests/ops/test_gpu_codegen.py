@@ -32,8 +32,8 @@ i32 = "i32"
 comp("normals", _normals_kernel,
      dict(out_ptr="*i16", seeds_ptr="*i64", n=i32, seg_len=i32, seg_pairs=i32, seq_len=i32, hidden=i32,
           row_stride=i32, row_offset=i32, n_nonces=i32, NSEG="constexpr", KIND="constexpr", MATH="constexpr",
-          BLOCK="constexpr", FLAT="constexpr"),
-     dict(NSEG=8, KIND=2, MATH=1, BLOCK=1024, FLAT=False))
+          BLOCK="constexpr", FLAT="constexpr", CONTIG="constexpr"),
+     dict(NSEG=8, KIND=2, MATH=1, BLOCK=1024, FLAT=False, CONTIG=True))
 comp("reflect_f32", _masked_reflect_kernel,
      dict(h_ptr="*fp32", r_ptr="*fp32", v_ptr="*fp32", rows_ptr="*i64", H=i32, h_stride=i32, r_stride=i32,
           HAS_RES="constexpr", KIND="constexpr", BLOCK="constexpr", SINGLE="constexpr"),

@@ -171,3 +171,26 @@ def test_bad_sizes():
 
 def test_empty_nonces():
     assert ops.poc_inputs(BH, PK, [], 2, 8, torch.float32).shape == (0, 2, 8)
+
+
+@pytest.mark.parametrize("stronger", [False, True])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("size", ["flat", "blocked"])
+def test_kernel_layouts(stronger, strided, size):
+    """Both grid layouts (flattened small segments / per-segment blocks, >1 block per segment) and both
+    address modes (contiguous rows / row stride > H) against the reference, neighbours untouched."""
+    if size == "flat":
+        seq_len, hidden = 3, 20
+    else:  # >= 1024 pairs per segment, and not a multiple of the block
+        seq_len, hidden = (4, 4100) if stronger else (2, 1100)
+    nonces = [21, 22]
+    pad = 5 if strided else 0
+    rows = 1 + len(nonces) * seq_len + 2
+    wide = torch.full((rows, hidden + pad), -7.0, dtype=torch.bfloat16)
+    out = wide[:, :hidden]
+    ops.poc_inputs(BH, PK, nonces, seq_len, hidden, torch.bfloat16, stronger_rng=stronger, out=out, row_offset=1,
+                   backend="triton")
+    ref = R.poc_inputs(BH, PK, nonces, seq_len, hidden, torch.bfloat16, stronger_rng=stronger).view(-1, hidden)
+    assert torch.equal(out[1 : 1 + len(nonces) * seq_len], ref)
+    assert (wide[0] == -7).all() and (wide[1 + len(nonces) * seq_len :] == -7).all()
+    assert (wide[:, hidden:] == -7).all()
