@@ -264,6 +264,11 @@ class NonceTracker:
             self._by_request.clear()
             return states
 
+    def states(self) -> list[NonceState]:
+        """In-flight states in admission order."""
+        with self._lock:
+            return list(self._by_request.values())
+
     def request_ids(self) -> list[str]:
         with self._lock:
             return list(self._by_request)

@@ -215,6 +215,13 @@ class _CBInternals:
         scheduler.waiting_requests_order.extend(r for r in order if r in scheduler.waiting_requests and r not in present)
 
     @staticmethod
+    def preempt(scheduler, request_ids: list[str]) -> None:
+        """Drop requests from the scheduler now and free their KV blocks (no output is delivered)."""
+        for rid in request_ids:
+            scheduler.set_request_cancellation(rid)
+        scheduler.clear_cancelled_requests()
+
+    @staticmethod
     def kv_tokens(cache) -> tuple[int, int]:
         """(capacity, free) in token slots."""
         capacity = int(cache.max_tokens_read)
@@ -317,7 +324,7 @@ class ContinuousPoC:
         self._handles: list = []
         self._patched: list[tuple[Any, str, Any]] = []
         self._counters = dict(steps=0, poc_steps=0, chat_tokens=0, poc_tokens=0, nonces_admitted=0, nonces_done=0,
-                              nonces_dropped_nan=0, nonces_split=0, lm_head_rows=0, chat_requests_done=0, poc_outputs_filtered=0,
+                              nonces_dropped_nan=0, nonces_split=0, nonces_preempted=0, poc_tokens_discarded=0, lm_head_rows=0, chat_requests_done=0, poc_outputs_filtered=0,
                               callback_errors=0, chat_work_in_nonces=0.0)
         self._t_start = self._t_stop = None
         self._attach()
@@ -397,7 +404,7 @@ class ContinuousPoC:
             vectors = [layer_vector(block_hash, i, self.hidden, device=self.device) for i in range(len(self.layers))]
             self._round = dict(block_hash=block_hash, public_key=public_key, seq_len=seq_len, k=k,
                                stronger_rng=stronger_rng, vectors=vectors, iterator=iter(nonce_iterator),
-                               exhausted=False)
+                               exhausted=False, retry=deque())
             self._tracker = NonceTracker(seq_len=seq_len, prefix=self._prefix)
             self._failed, self._error = None, None
             if self.governor is not None:
@@ -445,8 +452,8 @@ class ContinuousPoC:
                 return False
             if nonces is not None and self._counters["nonces_done"] >= nonces:
                 return True
-            if nonces is None and self._round is not None and self._round["exhausted"] and not (
-                    self._tracker is not None and len(self._tracker)):
+            if nonces is None and self._round is not None and self._round["exhausted"] and not self._round["retry"] \
+                    and not (self._tracker is not None and len(self._tracker)):
                 return True
             if deadline is not None and time.perf_counter() > deadline:
                 return False
@@ -513,8 +520,8 @@ class ContinuousPoC:
             if original():
                 return True
             try:
-                return (self._running and self._failed is None and not self._round["exhausted"]
-                        and not self._cb.stopping())
+                return (self._running and self._failed is None and not self._cb.stopping()
+                        and (not self._round["exhausted"] or bool(self._round["retry"])))
             except Exception:  # noqa: BLE001
                 return False
 
@@ -531,71 +538,141 @@ class ContinuousPoC:
                 self.governor.stop(self._failed)
         return self.governor
 
-    def _make_schedule(self, sched, bp, original):
-        cb = self._cb
+    @staticmethod
+    def _merge(a, b):
+        """Concatenate two (requests, decode_fast_path, q_tokens, kv_read) schedules (a first)."""
+        if not b[0]:
+            return a
+        if not a[0]:
+            return b
+        return list(a[0]) + list(b[0]), a[1] and b[1], a[2] + b[2], a[3] + b[3]
 
+    def _pass(self, sched, original, visible: Callable[[str], bool], token_budget: int, cache_budget: int,
+              max_requests: int):
+        """One call of the engine's own scheduler with only ``visible`` requests present.
+        Returns (schedule, waiting requests left, starved requests)."""
+        hidden = self._cb.hide(sched, visible)
+        saved = sched.max_requests_per_batch
+        sched.max_requests_per_batch = max_requests
+        try:
+            result = original(token_budget, cache_budget)
+            waiting = len(sched.waiting_requests)
+            waiting_head = next((sched.waiting_requests[r] for r in sched.waiting_requests_order
+                                 if r in sched.waiting_requests), None)
+            starved = list(getattr(sched, "starved_requests", None) or [])
+        finally:
+            sched.max_requests_per_batch = saved
+            self._cb.restore(sched, hidden)
+        return result, waiting, waiting_head, starved
+
+    def _make_schedule(self, sched, bp, original):
         def schedule_batch(token_budget: int, cache_budget: int):
             if not self._engaged():
                 return original(token_budget, cache_budget)
-            tracker = self._tracker
-            is_poc = tracker.is_poc_request
+            is_poc = self._tracker.is_poc_request
+            max_requests = sched.max_requests_per_batch
             # 1. chat first, with the whole budget, as if PoC did not exist
-            hidden = cb.hide(sched, lambda rid: not is_poc(rid))
+            chat, waiting, head, starved = self._pass(sched, original, lambda r: not is_poc(r), token_budget,
+                                                      cache_budget, max_requests)
             try:
-                chat = original(token_budget, cache_budget)
-                waiting_chat = len(sched.waiting_requests)
-                starved = list(getattr(sched, "starved_requests", []))
-            finally:
-                cb.restore(sched, hidden)
-            chat_batch, chat_fast, chat_q, chat_kv = chat
-            if chat_batch is None:
-                return chat
-            try:
-                return self._schedule_poc(sched, bp, original, chat, token_budget, cache_budget, waiting_chat,
+                # 1b. chat short of KV while PoC holds some: preempt PoC nonces (re-queued), schedule more chat
+                if (chat[0] is None or starved or waiting) and self._preempt_for_chat(sched, bp, chat, waiting,
+                                                                                       head, starved):
+                    if chat[0] is None:
+                        chat, waiting, head, starved = self._pass(sched, original, lambda r: not is_poc(r),
+                                                                  token_budget, cache_budget, max_requests)
+                    else:
+                        done = {fs.state.request_id for fs in chat[0]}
+                        more, waiting, head, starved = self._pass(
+                            sched, original, lambda r: not is_poc(r) and r not in done, token_budget - chat[2],
+                            max(0, cache_budget - chat[3]), max_requests - len(chat[0]))
+                        if more[0] is not None:
+                            chat = self._merge(chat, more)
+                if chat[0] is None:
+                    return chat
+                return self._schedule_poc(sched, bp, original, chat, token_budget, cache_budget, waiting, head,
                                           starved)
             except Exception as exc:  # noqa: BLE001
                 self._fail(exc, "schedule")
+                sched.starved_requests = starved
                 return chat
 
         return schedule_batch
 
-    def _schedule_poc(self, sched, bp, original, chat, token_budget, cache_budget, waiting_chat, starved):
-        cb, tracker = self._cb, self._tracker
-        chat_batch, chat_fast, chat_q, chat_kv = chat
-        cache = cb.cache(bp)
-        governor = self._ensure_governor(cache)
-        _, kv_free = cb.kv_tokens(cache)
+    def _load(self, bp, chat, waiting, head, starved) -> StepLoad:
+        tracker, page = self._tracker, max(1, int(getattr(self._cb.config, "page_size", 1)))
+        chat_batch, _, chat_q, _ = chat
+        chat_batch = chat_batch or []
+        _, kv_free = self._cb.kv_tokens(self._cb.cache(bp))
         decode_reqs = sum(1 for fs in chat_batch if fs.query_length == 1 and fs.state.generated_len() > 0)
-        load = StepLoad(chat_tokens=int(chat_q), kv_tokens_free=max(0, kv_free), chat_decode_requests=decode_reqs,
-                        chat_prefill_tokens=int(chat_q) - decode_reqs, waiting_chat_requests=waiting_chat,
-                        poc_tokens_pending=tracker.pending_tokens)
-        budget = governor.decide(load)
+
+        def pages(n: int) -> int:
+            return -(-int(n) // page) * page
+
+        need = sum(pages(n) for _, n in starved)
+        if head is not None:
+            need += pages(len(getattr(head, "remaining_prefill_tokens", ())) + 1)
+        held = sum(pages(st.computed) for st in tracker.states() if not st.done)
+        fields = dict(chat_tokens=int(chat_q), kv_tokens_free=max(0, kv_free), chat_decode_requests=decode_reqs,
+                      chat_prefill_tokens=int(chat_q) - decode_reqs, waiting_chat_requests=waiting,
+                      poc_tokens_pending=tracker.pending_tokens, poc_kv_tokens_held=held,
+                      waiting_chat_kv_tokens=need)
+        known = getattr(StepLoad, "__dataclass_fields__", fields)
+        return StepLoad(**{k: v for k, v in fields.items() if k in known})
+
+    def _preempt_for_chat(self, sched, bp, chat, waiting, head, starved) -> bool:
+        """Free the KV the governor asks for by preempting in-flight PoC nonces (newest first); True if any."""
+        governor = self._ensure_governor(self._cb.cache(bp))
+        budget = governor.decide(self._load(bp, chat, waiting, head, starved))
+        want = int(getattr(budget, "preempt_kv_tokens", 0) or 0)
+        if want <= 0:
+            return False
+        page = max(1, int(getattr(self._cb.config, "page_size", 1)))
+        victims, freed = [], 0
+        for st in reversed(self._tracker.states()):
+            if freed >= want:
+                break
+            if st.done or st.computed == 0:
+                continue
+            victims.append(st)
+            freed += -(-st.computed // page) * page
+        if not victims:
+            return False
+        self._cb.preempt(sched, [st.request_id for st in victims])
+        for st in victims:
+            self._tracker.finish(st.request_id)
+            self._round["retry"].append(st.nonce)
+        self._counters["nonces_preempted"] += len(victims)
+        self._counters["poc_tokens_discarded"] += sum(st.computed for st in victims)
+        return True
+
+    def _schedule_poc(self, sched, bp, original, chat, token_budget, cache_budget, waiting, head, starved):
+        tracker = self._tracker
+        chat_batch, _, chat_q, chat_kv = chat
+        governor = self._ensure_governor(self._cb.cache(bp))
+        budget = governor.decide(self._load(bp, chat, waiting, head, starved))
         governor.record(budget)
-        tokens = budget.tokens
-        if self._running and self._failed is None and budget.new_requests > 0 and not cb.stopping():
+        if self._running and self._failed is None and budget.new_requests > 0 and not self._cb.stopping():
             self._admit(sched, budget.new_requests)
-        tokens = min(tokens, token_budget - chat_q, tracker.pending_tokens)
+        tokens = min(budget.tokens, token_budget - chat_q, tracker.pending_tokens)
         requests_left = sched.max_requests_per_batch - len(chat_batch)
         if tokens <= 0 or requests_left <= 0 or self._failed is not None:
+            sched.starved_requests = starved
             return chat
         # 2. PoC only into what is left (in-flight nonces first: FIFO over active, then waiting)
-        hidden = cb.hide(sched, tracker.is_poc_request)
-        saved_max = sched.max_requests_per_batch
-        sched.max_requests_per_batch = requests_left
-        try:
-            poc_batch, poc_fast, poc_q, poc_kv = original(tokens, max(0, cache_budget - chat_kv))
-        finally:
-            sched.max_requests_per_batch = saved_max
-            cb.restore(sched, hidden)
-            sched.starved_requests = starved + list(getattr(sched, "starved_requests", []) or [])
-        if not poc_batch:
+        poc, _, _, poc_starved = self._pass(sched, original, tracker.is_poc_request, tokens,
+                                            max(0, cache_budget - chat_kv), requests_left)
+        # the engine may offload starved requests: report chat's only, so it never evicts chat for PoC
+        sched.starved_requests = starved
+        if not poc[0]:
             return chat
-        fast = poc_fast if not chat_batch else (chat_fast and poc_fast)
-        return list(chat_batch) + list(poc_batch), fast, chat_q + poc_q, chat_kv + poc_kv
+        return self._merge(chat, poc)
 
     def _admit(self, sched, n: int) -> None:
         rnd, tracker = self._round, self._tracker
         nonces = []
+        while len(nonces) < n and rnd["retry"]:
+            nonces.append(rnd["retry"].popleft())
         while len(nonces) < n and not rnd["exhausted"]:
             try:
                 nonces.append(check_nonce(next(rnd["iterator"])))

@@ -101,12 +101,12 @@ class Probe:
 
 
 def run_session(model, *, nonces=(), prompts=(), max_new=(), poc=True, mode="fill", late_chat=0,
-                max_batch_tokens=MAX_BATCH_TOKENS, probe=False, on_artifact=None, wait_nonces=True):
+                max_batch_tokens=MAX_BATCH_TOKENS, probe=False, on_artifact=None, wait_nonces=True, num_blocks=64):
     """One CB session: chat requests (all queued before start, the last ``late_chat`` after PoC started)
     and optionally continuous PoC over ``nonces``. Returns a dict of what happened."""
     gen = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
     mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb_config(
-        max_batch_tokens=max_batch_tokens, num_blocks=64, page_size=16, max_requests_per_batch=16))
+        max_batch_tokens=max_batch_tokens, num_blocks=num_blocks, page_size=16, max_requests_per_batch=16))
     cp = ContinuousPoC(model, mgr, mode=mode, on_artifact=on_artifact) if poc else None
     pr = Probe(model, mgr) if probe else None
     chat_ids, outputs = [], {}
@@ -251,3 +251,19 @@ def test_requires_no_block_sharing(model):
         use_async_batching=False, auto_switch_to_flash=False))
     with pytest.raises(ValueError, match="allow_block_sharing"):
         ContinuousPoC(model, mgr)
+
+
+def test_chat_short_of_kv_preempts_poc_not_chat(model, pure):
+    """A KV cache that holds only a few nonces: chat arriving while PoC holds the KV makes the glue preempt
+    PoC nonces (re-queued and recomputed from scratch), chat outputs are unchanged and no nonce is lost."""
+    nonces = list(range(200, 208))
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(1, 500, size=30).tolist() for _ in range(4)]
+    max_new = [6] * 4
+    off = run_session(model, prompts=prompts, max_new=max_new, poc=False, num_blocks=8)
+    on = run_session(model, nonces=nonces, prompts=prompts, max_new=max_new, late_chat=4, num_blocks=8)
+    st = on["stats"]
+    assert not st["failed"], st["error"]
+    assert st["nonces_preempted"] > 0 and st["poc_tokens_discarded"] > 0
+    assert on["chat"] == off["chat"]
+    assert_equivalent(on["artifacts"], pure(nonces), on["collected"])
