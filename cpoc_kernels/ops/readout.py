@@ -59,10 +59,10 @@ def haar_seed_table(block_hash: str, public_key: str, nonces: Sequence[int], k: 
 
 
 def haar_normals_torch(seeds: torch.Tensor, k: int, device) -> torch.Tensor:
-    """Raw Haar normals [B*(k-1), k] fp32 through the torch reference ``normal`` (one call per seed)."""
-    rows = [normal_reference(s, k) for s in seeds.flatten().tolist()]
-    out = torch.stack(rows) if rows else torch.empty(0, k)
-    return out.to(device)
+    """Raw Haar normals [B*(k-1), k] fp32 through the torch reference ``normal`` on ``device`` (one call per
+    seed, exactly as ``reference.haar_vectors`` computes them)."""
+    rows = [normal_reference(s, k, device=device) for s in seeds.flatten().tolist()]
+    return torch.stack(rows) if rows else torch.empty(0, k, device=device)
 
 
 def haar_normals_triton(seeds: torch.Tensor, k: int, device) -> torch.Tensor:
