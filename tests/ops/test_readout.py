@@ -133,3 +133,15 @@ def test_bad_input(bad):
         backend = "numpy"
     with pytest.raises(ValueError):
         ops.poc_readout(hs, "bh", "pk", nonces, k=k, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_last_token_rows(dtype):
+    """hs as the last-token slice of a [B, S, H] buffer (row stride S*H) gives the contiguous result."""
+    full = torch.randn(4, 3, 80, generator=torch.Generator().manual_seed(2)).to(dtype)
+    hs = full[:, -1, :]
+    assert hs.stride(0) == 3 * 80
+    ref = R.output_stage(hs.contiguous(), "bh", "pk", [1, 2, 3, 4])
+    for backend in ("triton", "torch"):
+        got = ops.poc_readout(hs, "bh", "pk", [1, 2, 3, 4], backend=backend).vectors
+        assert _fp16_ulps(got, ref) <= 1 and (backend == "triton" or torch.equal(got, ref))

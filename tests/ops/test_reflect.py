@@ -206,3 +206,17 @@ def test_bad_input_raises_untouched(bad):
     with pytest.raises(ValueError):
         ops.masked_reflect_(hidden, residual, v, rows)
     assert torch.equal(hidden, h0) and torch.equal(residual, r0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_strided_rows(backend):
+    """Row stride > H (a column slice of a wider buffer): same result, padding columns untouched."""
+    hidden, residual, v = _case(5, 48, torch.bfloat16, seed=21)
+    wide_h = torch.full((5, 56), 3.0, dtype=torch.bfloat16)
+    wide_r = torch.full((5, 56), 3.0, dtype=torch.bfloat16)
+    wide_h[:, :48] = hidden
+    wide_r[:, :48] = residual
+    ops.masked_reflect_(wide_h[:, :48], wide_r[:, :48], v, [0, 2, 3], backend=backend)
+    ops.masked_reflect_(hidden, residual, v, [0, 2, 3], backend=backend)
+    assert torch.equal(wide_h[:, :48], hidden) and torch.equal(wide_r[:, :48], residual)
+    assert (wide_h[:, 48:] == 3).all() and (wide_r[:, 48:] == 3).all()
