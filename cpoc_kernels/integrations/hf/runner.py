@@ -12,11 +12,10 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from cpoc_kernels.ops.inputs import nonce_normals_cpu
+from cpoc_kernels import ops
 from cpoc_kernels.artifacts import Artifact, check_nonce
-from cpoc_kernels.reference.householder import layer_vector, reflect
-from cpoc_kernels.reference.inputs import poc_inputs
-from cpoc_kernels.reference.readout import K_DIM, is_emittable, output_stage
+from cpoc_kernels.reference.householder import layer_vector
+from cpoc_kernels.reference.readout import K_DIM
 
 ProgressCallback = Callable[[int, int], None]  # (nonces done, nonces total)
 
@@ -32,7 +31,10 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 def _reflect_output(output, v: torch.Tensor):
     """Reflect a layer's output: the tensor itself, or element 0 of a tuple (the HF residual stream)."""
     if isinstance(output, torch.Tensor):
-        return reflect(output, v)
+        hidden = output.contiguous().clone()
+        flat = hidden.view(-1, hidden.shape[-1])
+        ops.masked_reflect_(flat, None, v, torch.arange(flat.shape[0], device=flat.device))
+        return hidden
     if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
         return (_reflect_output(output[0], v),) + tuple(output[1:])
     raise TypeError(f"decoder layer returned {type(output).__name__}; expected a tensor or a tuple")
@@ -82,12 +84,8 @@ class PoCRunner:
     def hidden_states(self, nonces: Sequence[int]) -> torch.Tensor:
         """Last-token final-norm hidden states of one batch, [B, H] float32 (NaN rows included)."""
         nonces = [check_nonce(n) for n in nonces]
-        if self.device.type == "cpu":
-            flat = nonce_normals_cpu(self.block_hash, self.public_key, nonces, self.seq_len * self.hidden, self.stronger_rng)
-            embeds = flat.view(len(nonces), self.seq_len, self.hidden).to(self.dtype)
-        else:
-            embeds = poc_inputs(self.block_hash, self.public_key, nonces, self.seq_len, self.hidden, self.dtype,
-                                self.stronger_rng, device=self.device)
+        embeds = ops.poc_inputs(self.block_hash, self.public_key, nonces, self.seq_len, self.hidden, self.dtype,
+                                device=self.device, stronger_rng=self.stronger_rng)
         positions = torch.arange(self.seq_len, device=self.device).expand(len(nonces), -1)
         with reflection_hooks(self.layers, self.layer_vectors):
             out = self.model.model(inputs_embeds=embeds, position_ids=positions, use_cache=False)
@@ -96,11 +94,9 @@ class PoCRunner:
     def vectors(self, nonces: Sequence[int]) -> tuple[list[int], torch.Tensor]:
         """(kept nonces, fp16 vectors [B', k]) of one batch; NaN rows dropped before and after fp16."""
         hs = self.hidden_states(nonces)
-        finite = ~torch.isnan(hs).any(dim=-1)
-        nonces = [n for n, ok in zip(nonces, finite.tolist()) if ok]
-        vecs = output_stage(hs[finite], self.block_hash, self.public_key, nonces, k=self.k)
-        ok = is_emittable(vecs)
-        return [n for n, keep in zip(nonces, ok.tolist()) if keep], vecs[ok]
+        result = ops.poc_readout(hs, self.block_hash, self.public_key, list(nonces), k=self.k)
+        kept = [n for n, ok in zip(nonces, result.emittable.tolist()) if ok]
+        return kept, result.vectors[result.emittable]
 
     def run(self, nonces: Iterable[int], progress: ProgressCallback | None = None) -> list[Artifact]:
         """Artifacts for ``nonces`` in batches of ``batch_size`` (order kept, NaN nonces omitted)."""
