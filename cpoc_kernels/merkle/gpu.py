@@ -244,7 +244,7 @@ def smst_root_gpu(nonces: torch.Tensor, vectors: torch.Tensor) -> bytes:
     depth = max(DEFAULT_DEPTH, max(1, int(keys[-1]).bit_length()))
     vec_words = vectors[perm].contiguous().view(torch.int32)
     hashes = torch.empty((n, 8), dtype=torch.int32, device=device)
-    _leaf_kernel[(triton.cdiv(n, _block(n)),)](keys.to(torch.int32), vec_words, hashes, k_tab, h_tab, n,
+    _leaf_kernel[(triton.cdiv(n, _block(n)),)](nonces[perm].contiguous(), vec_words, hashes, k_tab, h_tab, n,
                                               BLOCK=_block(n))
     counts = torch.ones(n, dtype=torch.int32, device=device)
     for height in range(depth):
