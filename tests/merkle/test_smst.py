@@ -285,3 +285,42 @@ def test_verify_malformed_inputs(smst_backend):
         verify_proof(t.root, 3, 0, 2**31, leaf, proof)
     with pytest.raises(TypeError):
         verify_proof(t.root, 3, 0, nonce, leaf, ["x" * 36] * 24)
+
+
+def test_concurrent_writers_and_readers_keep_the_tree_consistent():
+    """The C++ core releases the GIL for bulk work and locks per tree: threads may share one SMST."""
+    import threading
+
+    rng = np.random.default_rng(9)
+    nonces = rng.permutation(40_000).astype(np.int32)
+    vectors = rng.integers(0, 256, (40_000, 24), dtype=np.uint8)
+    t = SMST()
+    errors = []
+
+    def writer(part):
+        try:
+            for chunk in np.array_split(part, 20):
+                t.extend(nonces[chunk], vectors[chunk])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def reader():
+        try:
+            for _ in range(20):
+                c = t.count
+                if c:
+                    assert len(t.snapshot_root(c)) == 32
+                    t.proofs(np.arange(min(c, 50)), count=c)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    halves = np.array_split(np.arange(40_000), 2)
+    threads = [threading.Thread(target=writer, args=(h,)) for h in halves] + [threading.Thread(target=reader)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    ref = SMST()
+    ref.extend(np.sort(nonces), vectors[np.argsort(nonces)])
+    assert (t.count, t.root) == (40_000, ref.root)
