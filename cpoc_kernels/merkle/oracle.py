@@ -101,7 +101,8 @@ class OracleSMST:
 
     def __init__(self):
         self._leaves: list[tuple[int, bytes]] = []  # arrival order: (uint32 nonce, vector)
-        self._slots: set[int] = set()
+        self._slots: dict[int, int] = {}  # uint32 nonce -> arrival index
+        self._max_key = 0
         self._trees: dict[int, OracleTree] = {}
 
     @staticmethod
@@ -125,7 +126,9 @@ class OracleSMST:
             if b in self._slots or b in seen:
                 raise ValueError(f"duplicate nonce {int(nonces[i])} at batch position {i} (nothing was inserted)")
             seen.add(b)
-        self._slots |= seen
+        for b in bits:
+            self._slots[b] = len(self._slots)
+            self._max_key = max(self._max_key, b)
         self._leaves.extend(zip(bits, (bytes(v) for v in vectors)))
 
     @property
@@ -134,7 +137,7 @@ class OracleSMST:
 
     @property
     def depth(self) -> int:
-        return depth_for(max(self._slots)) if self._slots else DEFAULT_DEPTH
+        return depth_for(self._max_key)
 
     def contains(self, nonce: int) -> bool:
         return self._bits(nonce) in self._slots
@@ -168,8 +171,7 @@ class OracleSMST:
 
     def artifact(self, dense_index: int, count: int = 0) -> tuple[int, bytes]:
         key = self._checked(dense_index, count).keys[dense_index]
-        vector = next(v for n, v in self._leaves if n == key)
-        return (key - 2**32 if key >= 2**31 else key), vector
+        return self.arrival_leaf(self._slots[key])
 
     def arrival_leaf(self, arrival_index: int) -> tuple[int, bytes]:
         key, vector = self._leaves[arrival_index]
