@@ -20,12 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from cpoc_kernels.merkle.artifact import POCV2_VECTOR_BYTES, validate_pocv2_vector
-from cpoc_kernels.merkle.smst import SMST, _as_nonce
+from cpoc_kernels.merkle.artifact import (
+    POCV2_VECTOR_BYTES,
+    first_non_finite,
+    validate_pocv2_vector,
+    validate_pocv2_vectors,
+)
+from cpoc_kernels.merkle.smst import SMST, _as_nonce, _nonce_array
 
 DATA_FILE = "artifacts.data"
 ROOTS_FILE = "flushed_roots.jsonl"
 _HEADER = struct.Struct("<II")  # len, nonce (nonce as the uint32 bit pattern)
+RECORD_BYTES = 8 + POCV2_VECTOR_BYTES  # every PoC v2 record: LE32 len (= 28), LE32 nonce, 24 bytes
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,44 @@ class ServedArtifact:
 def encode_record(nonce: int, vector: bytes) -> bytes:
     """``[LE32 4 + len(vector)][LE32 uint32(nonce)][vector]``."""
     return _HEADER.pack(4 + len(vector), nonce & 0xFFFFFFFF) + vector
+
+
+def _scan_log(blob: bytes, path: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """Parses the log: (nonces int32 [n], vectors uint8 [n, 24], end of the last whole record).
+
+    Every valid record is 32 bytes (24-byte vectors), so the whole records are checked at once. Bytes
+    after them are a torn record (cut mid-write) unless their header is impossible (ValueError).
+    """
+    n = len(blob) // RECORD_BYTES
+    records = np.frombuffer(blob, np.uint8, count=n * RECORD_BYTES).reshape(n, RECORD_BYTES)
+    header = np.ascontiguousarray(records[:, :8]).view("<u4")  # [n, 2]: len, nonce bits
+    wrong = np.flatnonzero(header[:, 0] != 4 + POCV2_VECTOR_BYTES)
+    if wrong.size:
+        i = int(wrong[0])
+        raise ValueError(f"{path}: corrupt record at byte {i * RECORD_BYTES}: length {int(header[i, 0])} "
+                         f"(a PoC v2 record is {4 + POCV2_VECTOR_BYTES})")
+    rows = records[:, 8:]
+    bad = first_non_finite(rows)
+    if bad is not None:
+        i, j, bits = bad
+        raise ValueError(f"{path}: corrupt record at byte {i * RECORD_BYTES}: PoC v2 vector element {j} "
+                         f"is NaN/Inf (fp16 0x{bits:04x})")
+    tail = blob[n * RECORD_BYTES:]
+    if len(tail) >= 4:
+        (length,) = struct.unpack_from("<I", tail)
+        if length != 4 + POCV2_VECTOR_BYTES:  # a whole record would not fit in < 32 bytes either
+            raise ValueError(f"{path}: corrupt record at byte {n * RECORD_BYTES}: length {length} "
+                             f"(a PoC v2 record is {4 + POCV2_VECTOR_BYTES})")
+    return header[:, 1].view(np.int32), np.ascontiguousarray(rows), n * RECORD_BYTES
+
+
+def encode_records(nonces: np.ndarray, rows: np.ndarray) -> bytes:
+    """Records of int32 nonces [n] and 24-byte vectors uint8 [n, 24], concatenated."""
+    out = np.empty((len(nonces), RECORD_BYTES), np.uint8)
+    out[:, :4] = np.frombuffer(struct.pack("<I", 4 + POCV2_VECTOR_BYTES), np.uint8)
+    out[:, 4:8] = nonces.astype("<i4").view(np.uint8).reshape(-1, 4)
+    out[:, 8:] = rows
+    return out.tobytes()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -81,34 +125,16 @@ class ArtifactStore:
     def _replay_log(self) -> None:
         path = self.directory / DATA_FILE
         blob = path.read_bytes() if path.exists() else b""
-        nonces, vectors = [], []
-        pos = 0
-        while pos < len(blob):
-            if pos + 8 > len(blob):
-                break  # torn header
-            length, bits = _HEADER.unpack_from(blob, pos)
-            if length < 5:
-                raise ValueError(f"{path}: corrupt record at byte {pos}: length {length} < 5 (empty vector)")
-            if pos + 4 + length > len(blob):
-                break  # torn body
-            vector = blob[pos + 8:pos + 4 + length]
-            try:
-                validate_pocv2_vector(vector)
-            except ValueError as exc:
-                raise ValueError(f"{path}: corrupt record at byte {pos}: {exc}") from None
-            nonces.append(bits - 2**32 if bits >= 2**31 else bits)
-            vectors.append(vector)
-            pos += 4 + length
-        if pos < len(blob):
-            self.torn_bytes_dropped = len(blob) - pos
+        nonces, rows, end = _scan_log(blob, path)
+        if end < len(blob):
+            self.torn_bytes_dropped = len(blob) - end
             with open(path, "r+b") as f:
-                f.truncate(pos)
+                f.truncate(end)
                 f.flush()
                 os.fsync(f.fileno())
-        if nonces:
-            rows = np.frombuffer(b"".join(vectors), np.uint8).reshape(len(vectors), POCV2_VECTOR_BYTES)
+        if len(nonces):
             try:
-                self.tree.extend(np.array(nonces, np.int32), rows)
+                self.tree.extend(nonces, rows)
             except ValueError as exc:
                 raise ValueError(f"{path}: corrupt log: {exc}") from None
 
@@ -173,13 +199,16 @@ class ArtifactStore:
         self.tree.insert(nonce, vector)
         self._maybe_flush()
 
-    def extend(self, nonces: Sequence[int], vectors: Sequence[bytes]) -> None:
-        """Adds artifacts in order, all or nothing (validated before anything is written)."""
+    def extend(self, nonces, vectors) -> None:
+        """Adds artifacts in order, all or nothing (validated before anything is written). nonces: int32
+        [n] (list/array/tensor); vectors: list of 24-byte bytes, uint8 [n, 24] or fp16 [n, 12]."""
         self._check_usable()
-        nonces = [_as_nonce(n) for n in nonces]
-        vectors = [validate_pocv2_vector(v) for v in vectors]
-        self.tree.extend(nonces, vectors)  # atomic: duplicates raise before any change
-        self._write(b"".join(encode_record(n, v) for n, v in zip(nonces, vectors)))
+        nonce_arr = _nonce_array(nonces)
+        rows = validate_pocv2_vectors(vectors)
+        if len(rows) != len(nonce_arr):
+            raise ValueError(f"got {len(nonce_arr)} nonces but {len(rows)} vectors")
+        self.tree.extend(nonce_arr, rows)  # atomic: duplicates raise before any change
+        self._write(encode_records(nonce_arr, rows))
         self._maybe_flush()
 
     def _maybe_flush(self) -> None:

@@ -181,3 +181,35 @@ def test_periodic_flush_uses_the_interval(tmp_path):
         now[0] = 10.0
         store.append(5, vec(5))
         assert [c for c, _ in store.flushed] == [2, 5]
+
+
+def test_extend_accepts_arrays_and_tensors_with_the_same_log(tmp_path):
+    import torch
+
+    nonces = [9, -3, 4]
+    vecs = [vec(9), vec(3), vec(4)]
+    fp16 = np.stack([np.frombuffer(v, "<f2") for v in vecs]).astype(np.float16)
+    logs = []
+    for k, (n_in, v_in) in enumerate([(nonces, vecs), (np.array(nonces, np.int32), fp16),
+                                      (torch.tensor(nonces, dtype=torch.int32), torch.from_numpy(fp16)),
+                                      (nonces, fp16.view(np.uint8))]):
+        with ArtifactStore(tmp_path / str(k), flush_interval_s=None) as store:
+            store.extend(n_in, v_in)
+            logs.append(((tmp_path / str(k) / DATA_FILE).read_bytes() if store.flush() else None))
+    expected = b"".join(struct.pack("<Ii", 28, n) + v for n, v in zip(nonces, vecs))
+    assert logs == [expected] * 4
+    with ArtifactStore(tmp_path / "bad", flush_interval_s=None) as store:
+        with pytest.raises(ValueError, match=r"fp16 \[n, 12\]"):
+            store.extend([1], np.zeros((1, 11), np.float16))
+        with pytest.raises(ValueError, match="2 nonces but 1 vectors"):
+            store.extend([1, 2], [vec(1)])
+        assert store.count == 0
+
+
+def test_impossible_length_in_the_tail_is_corruption_not_a_torn_record(tmp_path):
+    with ArtifactStore(tmp_path, flush_interval_s=None) as store:
+        store.append(1, vec(1))
+    path = tmp_path / DATA_FILE
+    path.write_bytes(path.read_bytes() + struct.pack("<II", 9, 2) + b"abcde")  # a whole 5-byte-vector record
+    with pytest.raises(ValueError, match="corrupt record at byte 32: length 9"):
+        ArtifactStore(tmp_path)
