@@ -11,6 +11,7 @@ from cpoc_kernels.merkle.artifact import (
     POCV2_VECTOR_BYTES,
     pocv2_vector_ok,
     validate_pocv2_vector,
+    validate_pocv2_vectors,
     verify_artifact_proof,
 )
 from cpoc_kernels.merkle.oracle import DEFAULT_DEPTH, EMPTY_HASHES, MAX_DEPTH, PROOF_ELEMENT_SIZE
@@ -18,7 +19,7 @@ from cpoc_kernels.merkle.smst import SMST, ProofRejected, check_proof, verify_pr
 
 __all__ = [
     "SMST", "verify_proof", "check_proof", "verify_proofs", "ProofRejected", "smst_root_gpu",
-    "ArtifactStore", "oracle", "validate_pocv2_vector", "pocv2_vector_ok", "verify_artifact_proof",
+    "ArtifactStore", "oracle", "validate_pocv2_vector", "validate_pocv2_vectors", "pocv2_vector_ok", "verify_artifact_proof",
     "POCV2_VECTOR_BYTES", "DEFAULT_DEPTH", "MAX_DEPTH", "PROOF_ELEMENT_SIZE", "EMPTY_HASHES",
 ]
 
