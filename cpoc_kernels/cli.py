@@ -1,4 +1,5 @@
-"""``cpoc`` command line: demo, generate, validate.
+"""``cpoc`` command line: demo (mixed chat + continuous PoC; ``--pure`` for plain PoC), generate, validate,
+bench-mixed.
 
 Bad arguments print one line ``cpoc: error: …`` and exit with code 2.
 """
@@ -135,14 +136,83 @@ def _add_round_args(p: argparse.ArgumentParser, model_default: str = "cpoc-tiny"
     p.add_argument("--stronger-rng", action="store_true", help="the 8-sub-seed input RNG")
 
 
+def _add_mixed_args(p: argparse.ArgumentParser, duration: float) -> None:
+    p.add_argument("--duration", type=float, default=duration, help="seconds of chat per run (default %(default)s)")
+    p.add_argument("--mode", default="fill", help="governor mode: fill, fixed-share, off (default %(default)s)")
+    p.add_argument("--slo-overhead", type=float, default=0.05, help="allowed chat step-time increase (fill mode)")
+    p.add_argument("--max-batch-tokens", type=int, default=128, help="engine token budget per step")
+    p.add_argument("--num-blocks", type=int, default=256, help="KV cache blocks")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    p.add_argument("--max-requests", type=int, default=32, help="max requests per step")
+    p.add_argument("--prompt-len", default="16:64", help="chat prompt length range MIN:MAX")
+    p.add_argument("--output-len", default="8:24", help="chat output length range MIN:MAX")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _range_arg(spec: str, name: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in spec.split(":", 1))
+    except ValueError:
+        raise UsageError(f"--{name} must be MIN:MAX, got {spec!r}") from None
+    if not 1 <= lo <= hi:
+        raise UsageError(f"--{name} needs 1 <= MIN <= MAX, got {spec!r}")
+    return lo, hi
+
+
+def _mixed_setup(args):
+    """(settings, round) of the mixed commands, after checking the arguments."""
+    from cpoc_kernels.governor import MODES
+    from cpoc_kernels.integrations.hf.mixed_bench import EngineSettings, Round
+
+    _check_round_args(args)
+    for name in ("max_batch_tokens", "num_blocks", "page_size", "max_requests"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    if args.duration <= 0:
+        raise UsageError("--duration must be positive")
+    if args.mode not in MODES:
+        raise UsageError(f"unknown governor mode {args.mode!r}; choose one of {', '.join(MODES)}")
+    if args.slo_overhead < 0:
+        raise UsageError("--slo-overhead must be >= 0")
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise UsageError("--threads must be positive")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    settings = EngineSettings(max_batch_tokens=args.max_batch_tokens, num_blocks=args.num_blocks,
+                              page_size=args.page_size, max_requests_per_batch=args.max_requests,
+                              prompt_len=_range_arg(args.prompt_len, "prompt-len"),
+                              output_len=_range_arg(args.output_len, "output-len"), mode=args.mode,
+                              slo_overhead=args.slo_overhead)
+    rnd = Round(block_hash=args.block_hash, public_key=args.public_key, seq_len=args.seq_len, k=args.k,
+                stronger_rng=args.stronger_rng)
+    return settings, rnd
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cpoc", description="Gonka PoC v2 nonces inside inference batches (cpoc_kernels)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    demo = sub.add_parser("demo", help="generate nonces on the built-in tiny model on CPU, then validate them")
-    demo.add_argument("--nonces", type=int, default=64, help="how many nonces (default %(default)s)")
+    demo = sub.add_parser("demo", help="chat stream + continuous PoC on the tiny model on CPU (HF continuous "
+                                       "batching), then validate the artifacts; --pure: plain PoC batches only")
+    demo.add_argument("--pure", action="store_true", help="the pure-PoC demo (no chat, plain batches)")
+    demo.add_argument("--nonces", type=int, default=64, help="--pure: how many nonces (default %(default)s)")
     demo.add_argument("--out", type=Path, default=Path("out/demo_artifacts.json"))
+    _add_mixed_args(demo, duration=4.0)
+    demo.add_argument("--load", type=float, default=0.4,
+                      help="chat arrival rate as a fraction of measured chat capacity (default %(default)s)")
+    demo.add_argument("--chat-rate", type=float, default=None, help="chat requests/s (overrides --load)")
     _add_round_args(demo)
+
+    bench = sub.add_parser("bench-mixed", help="sweep chat load (0-100%% of capacity) with and without continuous "
+                                               "PoC; write a CSV and a PNG plot")
+    _add_mixed_args(bench, duration=3.0)
+    bench.add_argument("--loads", default="0,0.25,0.5,0.75,0.9,1.0", help="comma list of fractions of capacity")
+    bench.add_argument("--out-dir", type=Path, default=Path("out/bench_mixed"))
+    bench.add_argument("--tag", default=None, help="file name stem (default: MODEL_DTYPE_sSEQ_LEN)")
+    _add_round_args(bench)
 
     gen = sub.add_parser("generate", help="compute artifacts for a nonce range and write an artifact file")
     _add_round_args(gen)
@@ -168,6 +238,8 @@ def _check_round_args(args) -> None:
 
 
 def cmd_demo(args) -> int:
+    if not args.pure:
+        return cmd_demo_mixed(args)
     if args.nonces <= 0:
         raise UsageError("--nonces must be positive")
     _check_round_args(args)
@@ -178,6 +250,44 @@ def cmd_demo(args) -> int:
     result = validate_file(args.out, None, args.dtype, 32, None, 0.2, 0.1, 0.05)
     print_validation(result, 0.2)
     return 0 if not result.fraud else 1
+
+
+def cmd_demo_mixed(args) -> int:
+    from cpoc_kernels.integrations.hf.mixed_bench import demo
+
+    settings, rnd = _mixed_setup(args)
+    if args.chat_rate is not None and args.chat_rate < 0:
+        raise UsageError("--chat-rate must be >= 0")
+    if args.chat_rate is None and not 0 <= args.load <= 1.5:
+        raise UsageError("--load must be in [0, 1.5]")
+    model = _load_model(args.model, args.dtype)
+    print(f"cpoc demo: chat + continuous PoC on {args.model} (CPU, {args.dtype}), HF continuous batching, "
+          f"seq_len {args.seq_len}, governor {args.mode}")
+    result = demo(model, args.model, args.dtype, settings, rnd, load=args.load, duration=args.duration,
+                  out=args.out, seed=args.seed, chat_rate=args.chat_rate)
+    return 0 if not result["validation"].fraud and result["chat_identical"] else 1
+
+
+def cmd_bench_mixed(args) -> int:
+    from cpoc_kernels.integrations.hf.mixed_bench import bench_mixed, plot, write_csv
+
+    settings, rnd = _mixed_setup(args)
+    try:
+        loads = [float(x) for x in args.loads.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"cannot read --loads {args.loads!r}; use a comma list of fractions") from None
+    if not loads or any(not 0 <= x <= 1.5 for x in loads):
+        raise UsageError("--loads must be fractions in [0, 1.5]")
+    model = _load_model(args.model, args.dtype)
+    tag = args.tag or f"{args.model}_{args.dtype}_s{args.seq_len}"
+    print(f"cpoc bench-mixed: {args.model} ({args.dtype}), seq_len {args.seq_len}, loads {loads}, "
+          f"{args.duration:g} s per run, governor {args.mode}")
+    rows = bench_mixed(model, args.model, args.dtype, settings, rnd, loads, args.duration, seed=args.seed)
+    csv_path, png_path = args.out_dir / f"{tag}.csv", args.out_dir / f"{tag}.png"
+    write_csv(rows, csv_path)
+    plot(rows, png_path, title=f"continuous PoC, {args.model} {args.dtype}, seq_len {args.seq_len} (CPU)")
+    print(f"wrote {csv_path} and {png_path}")
+    return 0
 
 
 def cmd_generate(args) -> int:
@@ -195,7 +305,7 @@ def cmd_validate(args) -> int:
     return 0 if not result.fraud else 1
 
 
-COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "validate": cmd_validate}
+COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "validate": cmd_validate, "bench-mixed": cmd_bench_mixed}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,356 @@
+"""Mixed chat + continuous PoC on transformers' continuous batching: the ``cpoc demo`` and ``cpoc bench-mixed`` logic.
+
+Chat is an open-loop Poisson stream of requests (seeded prompts and output lengths) at a rate given as a
+fraction of the engine's measured chat capacity; latency is completion time minus scheduled arrival time.
+Every load point runs the *same* arrival schedule twice, without and with continuous PoC, so the latency
+overhead is PoC's alone. PoC throughput is compared with the pure-PoC runner (plain [B, S, H] batches).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cpoc_kernels.artifacts import Artifact, ArtifactFile
+
+from .continuous import ContinuousPoC, cb_config
+from .runner import PoCRunner
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Continuous-batching sizes (explicit: needed on CPU) and the chat workload shape."""
+
+    max_batch_tokens: int = 128
+    num_blocks: int = 256
+    page_size: int = 16
+    max_requests_per_batch: int = 32
+    prompt_len: tuple[int, int] = (16, 64)
+    output_len: tuple[int, int] = (8, 24)
+    mode: str = "fill"
+    slo_overhead: float = 0.05
+
+
+@dataclass(frozen=True)
+class Round:
+    block_hash: str = "TEST_BLOCK"
+    public_key: str = "test_pub_keys"
+    seq_len: int = 64
+    k: int = 12
+    stronger_rng: bool = False
+
+
+@dataclass
+class RunResult:
+    """One session: chat (maybe none) with or without continuous PoC."""
+
+    poc: bool
+    chat_rate: float
+    chat_requests: int
+    chat_latencies: list[float]
+    chat_tokens: list[list[int]]
+    window_s: float
+    nonces_done: int = 0
+    nonces_per_s: float = 0.0
+    poc_token_share: float = 0.0
+    stats: dict = field(default_factory=dict)
+    artifacts: list[Artifact] = field(default_factory=list)
+
+    def latency_ms(self, pct: float) -> float:
+        if not self.chat_latencies:
+            return math.nan
+        return 1e3 * float(np.percentile(np.asarray(self.chat_latencies), pct))
+
+
+def chat_requests(n: int, seed: int, settings: EngineSettings, vocab: int) -> list[tuple[list[int], int]]:
+    rng = np.random.default_rng(seed)
+    lo, hi = settings.prompt_len
+    olo, ohi = settings.output_len
+    return [(rng.integers(1, vocab, size=int(rng.integers(lo, hi + 1))).tolist(), int(rng.integers(olo, ohi + 1)))
+            for _ in range(n)]
+
+
+def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
+    """Arrival times (s from start) of ``n`` requests at ``rate`` per second (rate inf: all at 0)."""
+    if n == 0:
+        return []
+    if math.isinf(rate):
+        return [0.0] * n
+    gaps = np.random.default_rng(seed + 1).exponential(1.0 / rate, size=n)
+    return np.cumsum(gaps).tolist()
+
+
+def _manager(model, settings: EngineSettings):
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=16, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    return model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb_config(
+        max_batch_tokens=settings.max_batch_tokens, num_blocks=settings.num_blocks, page_size=settings.page_size,
+        max_requests_per_batch=settings.max_requests_per_batch))
+
+
+def run_session(model, settings: EngineSettings, requests: Sequence[tuple[list[int], int]], arrivals: Sequence[float],
+                *, poc: bool, rnd: Round | None = None, nonces: Iterable[int] | None = None,
+                poc_seconds: float = 0.0, chat_rate: float = 0.0,
+                progress: Callable[[int, int, dict | None], None] | None = None, timeout: float = 600.0) -> RunResult:
+    """Serve ``requests`` at ``arrivals`` (open loop) on a fresh manager, with continuous PoC if ``poc``.
+
+    Without chat, PoC runs for ``poc_seconds``. PoC throughput is measured over the chat window (first
+    arrival to last completion), PoC nonces still in flight at its end are drained.
+    """
+    mgr = _manager(model, settings)
+    cp = None
+    if poc:
+        rnd = rnd or Round()
+        cp = ContinuousPoC(model, mgr, mode=settings.mode, slo_overhead=settings.slo_overhead)
+    latencies: list[float] = []
+    tokens: dict[str, list[int]] = {}
+    ids: list[str] = []
+    try:
+        mgr.start()
+        if cp is not None:
+            cp.start(rnd.block_hash, rnd.public_key, nonces, rnd.seq_len, rnd.k, rnd.stronger_rng)
+        t0 = time.perf_counter()
+        due: dict[str, float] = {}
+        i = 0
+        snapshot = None
+        deadline = t0 + timeout
+        while len(tokens) < len(requests):
+            now = time.perf_counter() - t0
+            while i < len(requests) and arrivals[i] <= now:
+                prompt, max_new = requests[i]
+                rid = mgr.add_request(prompt, max_new_tokens=max_new)
+                ids.append(rid)
+                due[rid] = arrivals[i]
+                i += 1
+            wait = 0.01 if i >= len(requests) else max(0.0, min(0.01, arrivals[i] - now))
+            out = mgr.get_result(timeout=wait) if wait > 0 else mgr.get_result(timeout=0.0005)
+            if out is not None:
+                if out.request_id not in due:
+                    raise RuntimeError(f"unexpected output {out.request_id!r} in the chat stream")
+                if out.error is not None:
+                    raise RuntimeError(f"chat request {out.request_id} failed: {out.error}")
+                latencies.append(time.perf_counter() - t0 - due[out.request_id])
+                tokens[out.request_id] = list(out.generated_tokens)
+                if progress is not None:
+                    progress(len(tokens), len(requests), cp.stats() if cp is not None else None)
+            if time.perf_counter() > deadline or not mgr.is_running():
+                raise RuntimeError("chat requests not served in time (engine stopped?)")
+        if not requests and cp is not None:
+            end = t0 + poc_seconds
+            while time.perf_counter() < end and not cp.failed:
+                time.sleep(min(0.05, max(0.0, end - time.perf_counter())))
+                if progress is not None:
+                    progress(0, 0, cp.stats())
+        window = time.perf_counter() - t0
+        if cp is not None:
+            snapshot = cp.stats()
+            cp.stop(drain=True, timeout=60)
+    finally:
+        mgr.stop(block=True, timeout=60)
+        if cp is not None:
+            cp.detach()
+    res = RunResult(poc=poc, chat_rate=chat_rate, chat_requests=len(requests), chat_latencies=latencies,
+                    chat_tokens=[tokens[r] for r in ids], window_s=window)
+    if cp is not None:
+        res.stats = cp.stats()
+        res.nonces_done = snapshot["nonces_done"]
+        res.nonces_per_s = snapshot["nonces_done"] / window if window > 0 else 0.0
+        res.poc_token_share = snapshot["poc_token_share"]
+        res.artifacts = list(cp.collected)
+        if res.stats.get("failed"):
+            raise RuntimeError(f"continuous PoC failed: {res.stats['error']}")
+    return res
+
+
+def chat_capacity(model, settings: EngineSettings, n: int = 48, seed: int = 0) -> float:
+    """Chat requests/s the engine sustains with all ``n`` requests queued at once (no PoC)."""
+    reqs = chat_requests(n, seed + 1000, settings, model.config.vocab_size)
+    run_session(model, settings, reqs[: max(2, n // 8)], [0.0] * max(2, n // 8), poc=False)  # warm-up
+    res = run_session(model, settings, reqs, [0.0] * n, poc=False)
+    return n / max(res.window_s, 1e-9)
+
+
+def pure_poc_rate(model, rnd: Round, n: int = 64, batch_size: int = 16) -> float:
+    """Nonces/s of the pure-PoC runner (plain [B, S, H] batches, no chat) on the same model."""
+    runner = PoCRunner(model, rnd.block_hash, rnd.public_key, rnd.seq_len, k=rnd.k, batch_size=batch_size,
+                       stronger_rng=rnd.stronger_rng)
+    runner.run(range(10**6, 10**6 + batch_size))  # warm-up
+    t0 = time.perf_counter()
+    runner.run(range(n))
+    return n / (time.perf_counter() - t0)
+
+
+def recompute_and_validate(model, rnd: Round, artifacts: Sequence[Artifact], batch_size: int = 32):
+    """The validator's view: recompute ``artifacts`` with the pure-PoC runner and run the statistical test."""
+    from cpoc_kernels.validate import validate
+
+    runner = PoCRunner(model, rnd.block_hash, rnd.public_key, rnd.seq_len, k=rnd.k, batch_size=batch_size,
+                       stronger_rng=rnd.stronger_rng)
+    recomputed = runner.run([a.nonce for a in artifacts])
+    return validate(artifacts, recomputed, 0.2, 0.1, 0.05, k=rnd.k), recomputed
+
+
+# ============================================================================================ bench
+
+
+CSV_FIELDS = ["model", "dtype", "seq_len", "load", "chat_rate_rps", "chat_requests", "chat_p50_off_ms",
+              "chat_p99_off_ms", "chat_p50_on_ms", "chat_p99_on_ms", "p50_overhead", "p99_overhead",
+              "nonces_per_s", "pure_poc_nonces_per_s", "poc_fraction_of_pure", "goal_fraction", "poc_token_share",
+              "nonces_preempted", "window_s"]
+
+
+def bench_mixed(model, model_name: str, dtype_name: str, settings: EngineSettings, rnd: Round,
+                loads: Sequence[float], duration: float, min_chat: int = 6, seed: int = 0,
+                capacity: float | None = None, pure_rate: float | None = None,
+                log: Callable[[str], None] = print) -> list[dict]:
+    """Sweep chat load (fractions of capacity); one row per load with PoC on vs off."""
+    if capacity is None:
+        log("measuring chat capacity (burst, no PoC) ...")
+        capacity = chat_capacity(model, settings, seed=seed)
+    if pure_rate is None:
+        log("measuring pure-PoC throughput (PoCRunner, plain batches) ...")
+        pure_rate = pure_poc_rate(model, rnd)
+    log(f"chat capacity {capacity:.2f} req/s; pure PoC {pure_rate:.2f} nonces/s")
+    rows = []
+    nonce_base = 0
+    for load in loads:
+        rate = load * capacity
+        n = 0 if load <= 0 else max(min_chat, round(rate * duration))
+        reqs = chat_requests(n, seed + int(load * 1000), settings, model.config.vocab_size)
+        arr = poisson_arrivals(n, rate, seed + int(load * 1000)) if n else []
+        off = run_session(model, settings, reqs, arr, poc=False, chat_rate=rate) if n else None
+        on = run_session(model, settings, reqs, arr, poc=True, rnd=rnd, nonces=iter(range(nonce_base, 2**31 - 1)),
+                         poc_seconds=duration, chat_rate=rate)
+        nonce_base += on.stats.get("nonces_admitted", 0) + 1
+        if off is not None and on.chat_tokens != off.chat_tokens:
+            raise RuntimeError(f"load {load}: chat outputs differ with PoC on")
+        p50_off, p99_off = (off.latency_ms(50), off.latency_ms(99)) if off else (math.nan, math.nan)
+        p50_on, p99_on = on.latency_ms(50), on.latency_ms(99)
+        row = dict(model=model_name, dtype=dtype_name, seq_len=rnd.seq_len, load=load, chat_rate_rps=rate,
+                   chat_requests=n, chat_p50_off_ms=p50_off, chat_p99_off_ms=p99_off, chat_p50_on_ms=p50_on,
+                   chat_p99_on_ms=p99_on, p50_overhead=p50_on / p50_off - 1 if off else math.nan,
+                   p99_overhead=p99_on / p99_off - 1 if off else math.nan, nonces_per_s=on.nonces_per_s,
+                   pure_poc_nonces_per_s=pure_rate, poc_fraction_of_pure=on.nonces_per_s / pure_rate,
+                   goal_fraction=0.9 * max(0.0, 1.0 - load), poc_token_share=on.poc_token_share,
+                   nonces_preempted=on.stats.get("nonces_preempted", 0), window_s=on.window_s)
+        rows.append(row)
+        log(f"load {load:4.0%}: {n:3d} chat req, p50 {p50_off:7.1f} → {p50_on:7.1f} ms, p99 {p99_off:7.1f} → "
+            f"{p99_on:7.1f} ms; PoC {on.nonces_per_s:6.2f} nonces/s = {row['poc_fraction_of_pure']:.0%} of pure, "
+            f"PoC token share {on.poc_token_share:.0%}")
+    return rows
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k in CSV_FIELDS})
+
+
+def plot(rows: Sequence[dict], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loads = [100 * r["load"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    pure = rows[0]["pure_poc_nonces_per_s"] if rows else 0
+    a.plot(loads, [r["nonces_per_s"] for r in rows], "o-", label="continuous PoC")
+    a.plot(loads, [pure * r["goal_fraction"] for r in rows], "--", color="gray", label="goal: 90% of idle share")
+    a.axhline(pure, color="k", lw=0.8, label="pure PoC (plain batches)")
+    a.set_xlabel("chat load (% of capacity)")
+    a.set_ylabel("nonces/s")
+    a.set_ylim(bottom=0)
+    a.legend(fontsize=8)
+    for key, style, lab in (("chat_p50_off_ms", "o--", "p50 off"), ("chat_p50_on_ms", "o-", "p50 PoC on"),
+                            ("chat_p99_off_ms", "s--", "p99 off"), ("chat_p99_on_ms", "s-", "p99 PoC on")):
+        b.plot(loads, [r[key] for r in rows], style, label=lab)
+    b.set_xlabel("chat load (% of capacity)")
+    b.set_ylabel("chat request latency (ms)")
+    b.set_yscale("log")
+    b.legend(fontsize=8)
+    fig.suptitle(title or "continuous PoC beside chat (HF continuous batching, CPU)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ============================================================================================ demo
+
+
+def demo(model, model_name: str, dtype_name: str, settings: EngineSettings, rnd: Round, load: float,
+         duration: float, out: Path, seed: int = 0, chat_rate: float | None = None,
+         log: Callable[[str], None] = print, progress_stream=None) -> dict:
+    """Chat at ``chat_rate`` req/s (default ``load`` × measured capacity) for ``duration`` s without, then with
+    continuous PoC; write the artifacts (fleet file format) and validate them by recomputation."""
+    from cpoc_kernels.cli import ProgressBar
+    from cpoc_kernels.reference.nonces import NonceIterator
+
+    if chat_rate is None:
+        capacity = chat_capacity(model, settings, n=32, seed=seed)
+        rate = load * capacity
+        what = f"chat capacity ≈ {capacity:.1f} req/s → "
+    else:
+        rate, what = chat_rate, ""
+        run_session(model, settings, chat_requests(4, seed + 99, settings, model.config.vocab_size), [0.0] * 4,
+                    poc=False)  # warm-up
+    n = max(4, round(rate * duration)) if rate > 0 else 0
+    log(f"{what}{n} chat requests at {rate:.1f} req/s, prompts {settings.prompt_len[0]}-{settings.prompt_len[1]} "
+        f"tokens, outputs {settings.output_len[0]}-{settings.output_len[1]} tokens")
+    reqs = chat_requests(n, seed, settings, model.config.vocab_size)
+    arr = poisson_arrivals(n, rate, seed)
+
+    def bar(label):
+        pb = ProgressBar(max(n, 1), label, stream=progress_stream)
+
+        def update(done, total, stats):
+            if total:
+                pb(done, total)
+        return update
+
+    log("1/3 chat alone")
+    off = run_session(model, settings, reqs, arr, poc=False, chat_rate=rate, progress=bar("chat requests"))
+    log("2/3 the same chat stream with continuous PoC")
+    on = run_session(model, settings, reqs, arr, poc=True, rnd=rnd, nonces=NonceIterator(0, 1), chat_rate=rate,
+                     poc_seconds=duration, progress=bar("chat requests (PoC on)"))
+    same = on.chat_tokens == off.chat_tokens
+    st = on.stats
+    log(f"chat latency p50 {off.latency_ms(50):.1f} ms → {on.latency_ms(50):.1f} ms with PoC, "
+        f"p99 {off.latency_ms(99):.1f} ms → {on.latency_ms(99):.1f} ms; chat outputs identical: {same}")
+    log(f"PoC: {on.nonces_done} nonces in {on.window_s:.2f} s = {on.nonces_per_s:.1f} nonces/s, "
+        f"PoC share of tokens {on.poc_token_share:.0%}, preempted {st.get('nonces_preempted', 0)}")
+    arts = sorted(on.artifacts, key=lambda a: a.nonce)
+    doc = ArtifactFile(model=model_name, block_hash=rnd.block_hash, public_key=rnd.public_key, seq_len=rnd.seq_len,
+                       k_dim=rnd.k, artifacts=arts,
+                       extra={"dtype": dtype_name, "poc_stronger_rng": rnd.stronger_rng,
+                              "source": "cpoc demo: continuous PoC beside chat (HF continuous batching)"})
+    doc.save(out)
+    log(f"wrote {len(arts)} artifacts to {out}")
+    log("3/3 validating by recomputation in plain batches (PoCRunner)")
+    result, recomputed = recompute_and_validate(model, rnd, arts)
+    ref = {a.nonce: a.vector() for a in recomputed}
+    identical = sum(np.array_equal(a.vector(), ref[a.nonce]) for a in arts if a.nonce in ref)
+    finite = [d for d in result.distances.values() if d != math.inf]
+    log(f"validation: {result.n_mismatch}/{result.n_total} mismatches (L2 > 0.2), {identical} bit-identical, "
+        f"max L2 {max(finite) if finite else 0:.3g}, p-value {result.p_value:.4g}, fraud={result.fraud}")
+    return dict(off=off, on=on, validation=result, chat_identical=same, artifacts=len(arts), identical=identical)
+
+
+def summary(rows: Sequence[dict]) -> dict:
+    return {r["load"]: {k: r[k] for k in ("nonces_per_s", "poc_fraction_of_pure", "p50_overhead", "p99_overhead")}
+            for r in rows}
+
+
+__all__ = ["EngineSettings", "Round", "RunResult", "bench_mixed", "chat_capacity", "demo", "plot", "pure_poc_rate",
+           "recompute_and_validate", "run_session", "write_csv"]
