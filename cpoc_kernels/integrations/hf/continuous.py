@@ -298,7 +298,7 @@ class ContinuousPoC:
     nonce_iterator, seq_len, k)`` begins admitting nonces (as the governor allows); ``stop()`` ends
     admission (draining or cancelling in-flight nonces); ``detach()`` removes everything.
 
-    Artifacts: ``on_artifact`` callback (called in the engine thread), :meth:`artifacts` iterator, and
+    Artifacts: ``on_artifact`` callback (called in PoC's worker thread), :meth:`artifacts` iterator, and
     :attr:`collected`. They equal a pure-PoC run's artifacts of the same nonces up to the float path of
     the attention/matmuls (paged flat batch vs [B, S, H]); see the tests.
 
@@ -339,7 +339,8 @@ class ContinuousPoC:
         self._handles: list = []
         self._patched: list[tuple[Any, str, Any]] = []
         self._counters = dict(steps=0, poc_steps=0, chat_tokens=0, poc_tokens=0, nonces_admitted=0, nonces_done=0,
-                              nonces_dropped_nan=0, nonces_split=0, nonces_preempted=0, poc_tokens_discarded=0, fixed_cost_vetoes=0, lm_head_rows=0, chat_requests_done=0, poc_outputs_filtered=0,
+                              nonces_dropped_nan=0, nonces_split=0, nonces_preempted=0, poc_tokens_discarded=0,
+                              fixed_cost_vetoes=0, lm_head_rows=0, chat_requests_done=0, poc_outputs_filtered=0,
                               callback_errors=0, chat_work_in_nonces=0.0)
         self._t_start = self._t_stop = None
         self._prefetch_depth = prefetch
@@ -354,6 +355,8 @@ class ContinuousPoC:
         self._next_observe = 0.0
         self._sched_overhead = 0.0  # PoC scheduling time (s) attributed to the coming step
         self._poc_step_overhead: float | None = None  # EWMA of PoC's fixed cost per step on the engine thread
+        self._chat_step_ewma: float | None = None  # EWMA of the time of steps with chat rows and no PoC row
+        self._chat_shapes: dict[tuple[int, int], int] = {}  # (prompt_len, output_len) -> finished chat requests
         self._attach()
 
     # -------------------------------------------------------------------------------------- attach
@@ -412,7 +415,7 @@ class ContinuousPoC:
         sched = self._cb.scheduler(bp)
         if getattr(sched, "_cpoc_wrapped", False):
             return
-        sched._cpoc_wrapped = True
+        self._patch(sched, "_cpoc_wrapped", True)
         self._patch(sched, "schedule_batch", self._make_schedule(sched, bp, sched.schedule_batch))
         self._patch(sched, "has_pending_requests", self._make_has_pending(sched.has_pending_requests))
 
@@ -773,6 +776,14 @@ class ContinuousPoC:
         tracker = self._tracker
         chat_batch, _, chat_q, chat_kv = chat
         governor = self._ensure_governor(self._cb.cache(bp))
+        fixed, chat_step = self._poc_step_overhead, self._chat_step_ewma
+        if (self.mode == "fill" and chat_q > 0 and fixed is not None and chat_step is not None
+                and fixed >= self.slo_overhead * chat_step and len(self._prepared) > 0):
+            # PoC's fixed per-step cost alone exceeds the SLO allowance of a chat step: skip the budget
+            # computation (it would be vetoed by _fixed_cost_adapter anyway); PoC waits for an idle step
+            self._counters["fixed_cost_vetoes"] += 1
+            sched.starved_requests = starved
+            return chat
         load = self._load(bp, chat, waiting, head, starved)
         with self._gov_lock:
             budget = governor.decide(load)
@@ -881,6 +892,9 @@ class ContinuousPoC:
         c["steps"] += 1
         c["poc_tokens"] += step.poc_rows
         c["chat_tokens"] += step.total_rows - step.poc_rows
+        if not step.poc_rows and step.total_rows and dt > 0:
+            e = self._chat_step_ewma
+            self._chat_step_ewma = dt if e is None else 0.95 * e + 0.05 * dt
         if step.poc_rows:
             c["poc_steps"] += 1
             ovh = step.overhead + self._sched_overhead
@@ -992,14 +1006,8 @@ class ContinuousPoC:
                 now = time.perf_counter()
                 self._latencies.append(now - output.created_time)
                 self._counters["chat_requests_done"] += 1
-                if self._round is not None:
-                    shape = self._model_shape()
-                    if shape is not None:
-                        from cpoc_kernels.cost import nonces_per_request
-
-                        self._counters["chat_work_in_nonces"] += nonces_per_request(
-                            shape, max(1, len(output.prompt_ids)), max(1, len(output.generated_tokens)),
-                            self._round["seq_len"])
+                key = (max(1, len(output.prompt_ids)), max(1, len(output.generated_tokens)))
+                self._chat_shapes[key] = self._chat_shapes.get(key, 0) + 1
         except Exception:  # noqa: BLE001 - stats only
             pass
 
@@ -1081,6 +1089,11 @@ class ContinuousPoC:
         if shape is not None and self._round is not None:
             from cpoc_kernels.cost import nonce_flops
 
-            out["cost"] = {"nonce_flops": nonce_flops(shape, self._round["seq_len"]),
-                           "chat_work_in_nonces": c["chat_work_in_nonces"]}
+            from cpoc_kernels.cost import nonces_per_request
+
+            seq_len = self._round["seq_len"]
+            work = sum(n * nonces_per_request(shape, p, o, seq_len) for (p, o), n in list(self._chat_shapes.items()))
+            out["chat_work_in_nonces"] = work
+            out["cost"] = {"nonce_flops": nonce_flops(shape, seq_len), "chat_work_in_nonces": work,
+                           "model": shape.name}
         return out
