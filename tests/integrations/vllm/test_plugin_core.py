@@ -1,0 +1,114 @@
+"""Pure-Python parts of the vLLM plugin (no vLLM needed; runs in the main suite)."""
+import pytest
+import torch
+
+from cpoc_kernels.integrations.vllm import version
+from cpoc_kernels.integrations.vllm.client import PoCAdmission, merge_worker_records
+from cpoc_kernels.governor import GovernorConfig
+from cpoc_kernels.integrations.vllm.requests import (
+    PoCRequestError,
+    PoCRound,
+    check_poc_sampling,
+    parse_poc_payload,
+    poc_request,
+)
+from cpoc_kernels.integrations.vllm.state import CpocBuffers, CpocWorkerState, RequestView
+
+ROUND = PoCRound("block", "pubkey", seq_len=8)
+
+
+@pytest.mark.parametrize("v,minor", [("0.33.0", "0.33"), ("0.32.0+cpu", "0.32"), ("0.33.1rc1.dev3+gabc", "0.33")])
+def test_supported_versions(v, minor):
+    assert version.check_vllm_version(v) == minor
+
+
+@pytest.mark.parametrize("v", ["0.31.2", "0.34.0", "1.0.0", "dev", ""])
+def test_unsupported_versions_name_the_supported_ones(v):
+    with pytest.raises(version.UnsupportedVllmError, match=r"0\.32\.x, 0\.33\.x"):
+        version.check_vllm_version(v)
+
+
+def test_poc_request_pieces():
+    spec = poc_request(ROUND, 42)
+    assert spec.prompt["prompt_token_ids"] == [0] * 8
+    kw = spec.sampling_kwargs
+    assert kw["max_tokens"] == 1 and kw["temperature"] == 0.0 and kw["skip_reading_prefix_cache"] is True
+    assert parse_poc_payload(kw["extra_args"]) == (ROUND, 42)
+    salts = {poc_request(r, n).prompt["cache_salt"] for r in (ROUND, PoCRound("block", "other", 8),
+                                                                PoCRound("block", "pubkey", 9)) for n in (1, 2)}
+    assert len(salts) == 6  # unique per round and nonce
+
+
+@pytest.mark.parametrize("extra", [{"cpoc": 3}, {"cpoc": {"v": 99}}, {"cpoc": {"v": 1, "block_hash": "b"}},
+                                   {"cpoc": {**ROUND.payload(1), "nonce": 2**40}}])
+def test_malformed_payloads_are_errors(extra):
+    with pytest.raises(PoCRequestError):
+        parse_poc_payload(extra)
+
+
+def test_chat_requests_have_no_payload():
+    assert parse_poc_payload(None) is None and parse_poc_payload({"other": 1}) is None
+
+
+def test_prefix_cache_and_prompt_length_checks():
+    check_poc_sampling(True, 1, 8, ROUND)
+    with pytest.raises(PoCRequestError, match="prefix caching"):
+        check_poc_sampling(False, 1, 8, ROUND)
+    with pytest.raises(PoCRequestError, match="max_tokens"):
+        check_poc_sampling(True, 2, 8, ROUND)
+    with pytest.raises(PoCRequestError, match="seq_len"):
+        check_poc_sampling(True, 1, 7, ROUND)
+
+
+def _state(slots=1):
+    buffers = CpocBuffers(32, 16, 2, torch.float32, "cpu", slots)
+    return CpocWorkerState(buffers, 2, 16, torch.float32, "cpu")
+
+
+def _view(round_, nonce):
+    kw = poc_request(round_, nonce).sampling_kwargs
+    return RequestView(kw["extra_args"], True, 1, round_.seq_len)
+
+
+def test_row_contract_from_runner_batch():
+    state = _state()
+    views = {"chat": RequestView(None, None, 5, 3), "p": _view(ROUND, 7)}
+    # chat decode row at 0, PoC rows 1..5 = positions 0..4
+    state.begin_step(["chat", "p"], [0, 1, 6], [3, 0], views.get)
+    b = state.buffers
+    assert b.mask[:6].tolist() == [False, True, True, True, True, True]
+    assert b.counts.tolist() == [5] and b.rows[0, :5].tolist() == [1, 2, 3, 4, 5]
+    plan = state.take_logits_plan(2)
+    assert plan.poc_rows == (1,) and plan.completions == () and plan.chat_rows() == [0]
+    state.end_forward()
+    assert not b.mask.any() and b.counts.tolist() == [0]
+    # rest of the nonce: positions 5..7 complete it, in flat rows 0..2
+    state.begin_step(["p", "chat"], [0, 3, 4], [5, 4], views.get)
+    plan = state.take_logits_plan(2)
+    assert [(c.logits_row, c.nonce) for c in plan.completions] == [(0, 7)]
+    assert state.take_logits_plan(2) is None  # armed once per step
+
+
+def test_refusals_and_slot_exhaustion():
+    state = _state(slots=1)
+    other = PoCRound("other-block", "pubkey", seq_len=8)
+    views = {"a": _view(ROUND, 1), "b": _view(other, 2), "late": _view(ROUND, 3)}
+    state.begin_step(["a", "b", "late"], [0, 4, 8, 10], [0, 0, 2], views.get)
+    records = {r["nonce"]: r["error"] for r in state.drain()}
+    assert "concurrent block hashes" in records[2] and "position 2" in records[3] and 1 not in records
+    assert state.buffers.counts.tolist() == [4]
+
+
+def test_merge_worker_records_checks_ranks_agree():
+    rec = {"request_id": "r", "vector_b64": "x"}
+    assert merge_worker_records([[rec], [dict(rec)]]) == [rec]
+    with pytest.raises(RuntimeError, match="disagree"):
+        merge_worker_records([[rec], [{"request_id": "r", "vector_b64": "y"}]])
+
+
+def test_admission_follows_the_governor():
+    admission = PoCAdmission(GovernorConfig(max_batch_tokens=64, kv_tokens_capacity=1000, poc_seq_len=8))
+    idle = {"steps": 1, "recent_steps": [{"rows": 0, "poc_rows": 0, "seconds_since_previous": 0.01}]}
+    assert admission.admit(idle) == 8  # no chat: fill the batch
+    full = {"steps": 2, "recent_steps": [{"rows": 64, "poc_rows": 0, "seconds_since_previous": 0.01}]}
+    assert admission.admit(full) == 0  # chat fills the batch
