@@ -7,7 +7,7 @@
 set -euo pipefail
 _quiet() {  # run a pip step; print its output only when it fails
   local log; log="$(mktemp)"
-  if ! "$@" >"$log" 2>&1; then grep -v "Location .file:" "$log" | tail -40; rm -f "$log"; return 1; fi
+  if ! "$@" >"$log" 2>&1; then grep -v "Location .file:" "$log" | tail -40 >&2; rm -f "$log"; return 1; fi
   rm -f "$log"
 }
 CPOC_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
