@@ -22,12 +22,12 @@ from cpoc_kernels.integrations.hf.mixed_bench import EngineSettings, Round, benc
 from cpoc_kernels.integrations.hf.models import build_model
 
 CONFIGS = {
-    "tiny": dict(model="cpoc-tiny", dtype=torch.float32, loads=(0, 0.25, 0.5, 0.75, 0.9, 1.0), duration=4.0,
+    "tiny": dict(model="cpoc-tiny", dtype=torch.float32, loads=(0, 0.25, 0.5, 0.75, 0.9, 1.0), duration=3.0, repeats=3,
                  settings=EngineSettings(max_batch_tokens=128, num_blocks=256, page_size=16, max_requests_per_batch=32,
                                          prompt_len=(16, 64), output_len=(8, 24))),
-    "qwen": dict(model="qwen3-0.6b-shaped", dtype=torch.bfloat16, loads=(0, 0.5, 0.9), duration=20.0,
+    "qwen": dict(model="qwen3-0.6b-shaped", dtype=torch.bfloat16, loads=(0, 0.5, 0.9), duration=12.0, repeats=2,
                  settings=EngineSettings(max_batch_tokens=128, num_blocks=96, page_size=16, max_requests_per_batch=16,
-                                         prompt_len=(16, 48), output_len=(8, 16))),
+                                         prompt_len=(16, 48), output_len=(8, 16), idle_max_tokens=64)),
 }
 
 
@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--config", choices=[*CONFIGS, "all"], default="tiny")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--duration", type=float, default=None, help="seconds of chat per run (preset default)")
+    ap.add_argument("--repeats", type=int, default=None, help="off/on repetitions per load (preset default)")
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "continuous_poc")
     args = ap.parse_args()
     for name in CONFIGS if args.config == "all" else [args.config]:
@@ -57,7 +58,7 @@ def main() -> None:
         model = build_model(cfg["model"], dtype=cfg["dtype"])
         rnd = Round(seq_len=args.seq_len)
         rows = bench_mixed(model, cfg["model"], dtype_name, cfg["settings"], rnd, cfg["loads"],
-                           args.duration or cfg["duration"])
+                           args.duration or cfg["duration"], repeats=args.repeats or cfg["repeats"])
         write_csv(rows, args.out_dir / f"{name}.csv")
         plot(rows, args.out_dir / f"{name}.png",
              title=f"continuous PoC, {cfg['model']} {dtype_name}, seq_len {args.seq_len} (CPU, 2 cores)")

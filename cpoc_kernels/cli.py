@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "PoC; write a CSV and a PNG plot")
     _add_mixed_args(bench, duration=3.0)
     bench.add_argument("--loads", default="0,0.25,0.5,0.75,0.9,1.0", help="comma list of fractions of capacity")
+    bench.add_argument("--repeats", type=int, default=1, help="off/on repetitions per load (default %(default)s)")
     bench.add_argument("--out-dir", type=Path, default=Path("out/bench_mixed"))
     bench.add_argument("--tag", default=None, help="file name stem (default: MODEL_DTYPE_sSEQ_LEN)")
     _add_round_args(bench)
@@ -265,7 +266,7 @@ def cmd_demo_mixed(args) -> int:
           f"seq_len {args.seq_len}, governor {args.mode}")
     result = demo(model, args.model, args.dtype, settings, rnd, load=args.load, duration=args.duration,
                   out=args.out, seed=args.seed, chat_rate=args.chat_rate)
-    return 0 if not result["validation"].fraud and result["chat_identical"] else 1
+    return 0 if not result["validation"].fraud else 1
 
 
 def cmd_bench_mixed(args) -> int:
@@ -282,7 +283,10 @@ def cmd_bench_mixed(args) -> int:
     tag = args.tag or f"{args.model}_{args.dtype}_s{args.seq_len}"
     print(f"cpoc bench-mixed: {args.model} ({args.dtype}), seq_len {args.seq_len}, loads {loads}, "
           f"{args.duration:g} s per run, governor {args.mode}")
-    rows = bench_mixed(model, args.model, args.dtype, settings, rnd, loads, args.duration, seed=args.seed)
+    if args.repeats <= 0:
+        raise UsageError("--repeats must be positive")
+    rows = bench_mixed(model, args.model, args.dtype, settings, rnd, loads, args.duration, seed=args.seed,
+                       repeats=args.repeats)
     csv_path, png_path = args.out_dir / f"{tag}.csv", args.out_dir / f"{tag}.png"
     write_csv(rows, csv_path)
     plot(rows, png_path, title=f"continuous PoC, {args.model} {args.dtype}, seq_len {args.seq_len} (CPU)")

@@ -340,7 +340,7 @@ class ContinuousPoC:
         self._patched: list[tuple[Any, str, Any]] = []
         self._counters = dict(steps=0, poc_steps=0, chat_tokens=0, poc_tokens=0, nonces_admitted=0, nonces_done=0,
                               nonces_dropped_nan=0, nonces_split=0, nonces_preempted=0, poc_tokens_discarded=0,
-                              fixed_cost_vetoes=0, lm_head_rows=0, chat_requests_done=0, poc_outputs_filtered=0,
+                              fixed_cost_vetoes=0, fixed_cost_probes=0, lm_head_rows=0, chat_requests_done=0, poc_outputs_filtered=0,
                               callback_errors=0, chat_work_in_nonces=0.0)
         self._t_start = self._t_stop = None
         self._prefetch_depth = prefetch
@@ -354,7 +354,9 @@ class ContinuousPoC:
         self.observe_interval = observe_interval
         self._next_observe = 0.0
         self._sched_overhead = 0.0  # PoC scheduling time (s) attributed to the coming step
-        self._poc_step_overhead: float | None = None  # EWMA of PoC's fixed cost per step on the engine thread
+        self._poc_step_overhead: float | None = None  # EWMA of PoC's cost per step on the engine thread (all)
+        self._poc_small_overhead: float | None = None  # the same over chat steps with few PoC rows (fixed part)
+        self._vetoes_since_probe = 0
         self._chat_step_ewma: float | None = None  # EWMA of the time of steps with chat rows and no PoC row
         self._chat_shapes: dict[tuple[int, int], int] = {}  # (prompt_len, output_len) -> finished chat requests
         self._attach()
@@ -776,12 +778,14 @@ class ContinuousPoC:
         tracker = self._tracker
         chat_batch, _, chat_q, chat_kv = chat
         governor = self._ensure_governor(self._cb.cache(bp))
-        fixed, chat_step = self._poc_step_overhead, self._chat_step_ewma
+        fixed, chat_step = self._fixed_cost(), self._chat_step_ewma
         if (self.mode == "fill" and chat_q > 0 and fixed is not None and chat_step is not None
-                and fixed >= self.slo_overhead * chat_step and len(self._prepared) > 0):
+                and fixed >= self.slo_overhead * chat_step and len(self._prepared) > 0
+                and self._vetoes_since_probe < self.PROBE_EVERY):
             # PoC's fixed per-step cost alone exceeds the SLO allowance of a chat step: skip the budget
             # computation (it would be vetoed by _fixed_cost_adapter anyway); PoC waits for an idle step
             self._counters["fixed_cost_vetoes"] += 1
+            self._vetoes_since_probe += 1
             sched.starved_requests = starved
             return chat
         load = self._load(bp, chat, waiting, head, starved)
@@ -809,16 +813,32 @@ class ContinuousPoC:
         that a step *with* PoC rows pays a fixed cost on the engine thread (hooks, extra scheduling passes),
         which on a small model on CPU is comparable to the whole step. In ``fill`` mode with chat in the step,
         that measured cost is taken from the SLO allowance first; the token budget shrinks accordingly
-        (to 0 when the fixed cost alone exceeds it)."""
+        (to 0 when the fixed cost alone exceeds it).
+
+        The fixed part is estimated from chat steps with at most ``SMALL_POC_ROWS`` PoC rows (until there is
+        one, from all PoC steps, an overestimate); while vetoing, every ``PROBE_EVERY``-th chat step still
+        gets up to ``SMALL_POC_ROWS`` tokens so the estimate stays measured, not assumed."""
         tokens = budget.tokens
-        fixed = self._poc_step_overhead
+        fixed = self._fixed_cost()
         if tokens <= 0 or self.mode != "fill" or chat_tokens == 0 or fixed is None:
             return tokens
         allowance = self.slo_overhead * budget.predicted_chat_step_seconds
         if fixed >= allowance:
+            if self._vetoes_since_probe >= self.PROBE_EVERY:
+                self._vetoes_since_probe = 0
+                self._counters["fixed_cost_probes"] += 1
+                return min(tokens, self.SMALL_POC_ROWS)
+            self._vetoes_since_probe += 1
             self._counters["fixed_cost_vetoes"] += 1
             return 0
         return int(tokens * (1.0 - fixed / allowance))
+
+    SMALL_POC_ROWS = 8
+    PROBE_EVERY = 50
+
+    def _fixed_cost(self) -> float | None:
+        small = self._poc_small_overhead
+        return small if small is not None else self._poc_step_overhead
 
     def _admit(self, sched, n: int) -> None:
         """Admit up to ``n`` prepared nonces (inputs made by the worker) as engine requests."""
@@ -900,6 +920,9 @@ class ContinuousPoC:
             ovh = step.overhead + self._sched_overhead
             self._poc_step_overhead = ovh if self._poc_step_overhead is None else (
                 0.9 * self._poc_step_overhead + 0.1 * ovh)
+            if step.poc_rows <= self.SMALL_POC_ROWS and step.total_rows > step.poc_rows:
+                e = self._poc_small_overhead
+                self._poc_small_overhead = ovh if e is None else 0.8 * e + 0.2 * ovh
             if step.rows is not None:
                 c["nonces_split"] += sum(1 for seg in step.rows.segments if seg.position == 0 and not seg.completes)
                 if self._tracker is not None:
@@ -1079,6 +1102,7 @@ class ContinuousPoC:
             error=self._failed,
             in_flight=0 if self._tracker is None else len(self._tracker),
             poc_step_overhead_ms=None if self._poc_step_overhead is None else 1e3 * self._poc_step_overhead,
+            poc_fixed_cost_ms=None if self._fixed_cost() is None else 1e3 * self._fixed_cost(),
             elapsed_s=elapsed,
             nonces_per_s=(c["nonces_done"] / elapsed) if elapsed > 0 else 0.0,
             poc_token_share=(c["poc_tokens"] / total) if total else 0.0,

@@ -267,3 +267,32 @@ def test_chat_short_of_kv_preempts_poc_not_chat(model, pure):
     assert st["nonces_preempted"] > 0 and st["poc_tokens_discarded"] > 0
     assert on["chat"] == off["chat"]
     assert_equivalent(on["artifacts"], pure(nonces), on["collected"])
+
+
+def test_fixed_share_budget_bounds_poc_rows_per_step(model, pure):
+    """The glue adds no more PoC rows to a step than the governor allows (fixed-share: share × batch)."""
+    nonces = list(range(300, 306))
+    prompts, max_new = chat_workload(seed=21, n=5)
+    gen = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb_config(
+        max_batch_tokens=MAX_BATCH_TOKENS, num_blocks=64, page_size=16, max_requests_per_batch=16))
+    cp = ContinuousPoC(model, mgr, mode="fixed-share", governor_options={"fixed_share": 0.25})
+    per_step = []
+    handle = model.register_forward_pre_hook(
+        lambda m, a, k: per_step.append(cp._step.poc_rows if cp._step is not None else 0), with_kwargs=True)
+    try:
+        for p, m in zip(prompts, max_new):
+            mgr.add_request(p, max_new_tokens=m)
+        cp.start(BH, PK, iter(nonces), SEQ_LEN)
+        mgr.start()
+        for _ in prompts:
+            assert mgr.get_result(timeout=TIMEOUT) is not None
+        assert cp.wait(nonces=len(nonces), timeout=TIMEOUT)
+        cp.stop()
+    finally:
+        mgr.stop(block=True, timeout=TIMEOUT)
+        cp.detach()
+        handle.remove()
+    assert max(per_step) == MAX_BATCH_TOKENS // 4  # floor(0.25 * 32) and actually reached
+    assert sum(per_step) == len(nonces) * SEQ_LEN
+    assert_equivalent({a.nonce: a.vector() for a in cp.collected}, pure(nonces), cp.collected)
