@@ -141,7 +141,7 @@ class CpocWorkerState:
         self.marked_norms = 0
         self.step_log: deque[dict] = deque(maxlen=4096)
         self.counters = {"steps": 0, "poc_steps": 0, "poc_rows": 0, "chat_rows": 0, "artifacts": 0, "refused": 0,
-                         "nan_dropped": 0, "lm_head_rows": 0}
+                         "nan_dropped": 0, "lm_head_rows": 0, "resumed_segments": 0}
 
     # ----------------------------------------------------------------------------------------- registry
     def _classify(self, request_id: str, view: RequestView | None) -> _Known:
@@ -276,6 +276,7 @@ class CpocWorkerState:
                 if not rows:
                     continue
                 self._write_rows(slot, round_, tracker, rows)
+                self.counters["resumed_segments"] += sum(1 for seg in rows.segments if seg.position > 0)
                 tracker.advance(rows)
                 step_poc_rows += rows.num_poc_rows
                 index = {rid: i for i, rid in enumerate(request_ids)}
