@@ -9,6 +9,44 @@ import sys
 import time
 
 
+async def run_async(cfg, kwargs):
+    """AsyncLLM: chat requests streamed while AsyncCpoc admits nonces as the governor allows."""
+    import asyncio
+
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from cpoc_kernels.governor import GovernorConfig
+    from cpoc_kernels.integrations.vllm.client import AsyncCpoc, PoCAdmission
+    from cpoc_kernels.integrations.vllm.requests import PoCRound
+
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+    try:
+        cpoc = AsyncCpoc(engine)
+        workers = await cpoc.check_ready()
+        greedy = SamplingParams(max_tokens=cfg["max_tokens"], temperature=0.0, detokenize=False, ignore_eos=True)
+
+        async def chat(i, ids):
+            tokens = []
+            async for out in engine.generate(TokensPrompt(prompt_token_ids=ids), greedy, f"chat-{i}"):
+                tokens = list(out.outputs[0].token_ids)
+            return tokens
+
+        round_ = PoCRound(**cfg["round"])
+        admission = PoCAdmission(GovernorConfig(max_batch_tokens=32, kv_tokens_capacity=2048,
+                                                poc_seq_len=round_.seq_len))
+        results = await asyncio.gather(*(chat(i, ids) for i, ids in enumerate(cfg["chat"])),
+                                       cpoc.run(round_, cfg["nonces"], admission=admission, max_in_flight=2))
+        poc = results[-1]
+        return {"workers": workers, "chat_tokens": results[:-1],
+                "artifacts": {a.nonce: a.vector_b64 for a in poc.artifacts}, "refused": poc.refused,
+                "governor": admission.governor.stats()["decisions"]}
+    finally:
+        engine.shutdown()
+
+
 def main():
     cfg = json.loads(sys.argv[1])
     extension = cfg.get("extension", cfg["plugin"])
@@ -29,6 +67,12 @@ def main():
     if extension:
         kwargs["worker_extension_cls"] = WORKER_EXTENSION
     result = {}
+    if cfg.get("async"):
+        import asyncio
+
+        kwargs.pop("seed", None)
+        print("E2E_RESULT " + json.dumps(asyncio.run(run_async(cfg, kwargs))), flush=True)
+        return
     t0 = time.time()
     try:
         llm = LLM(**kwargs)

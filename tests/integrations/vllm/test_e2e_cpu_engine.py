@@ -44,8 +44,10 @@ def reference(tiny):
 
 
 @functools.lru_cache(maxsize=None)
-def _run(model: str, tp: int, plugin: bool, eager: bool = True, extra: str = "{}", extension: bool | None = None) -> dict:
-    cfg = dict(model=model, tp=tp, plugin=plugin, extension=plugin if extension is None else extension, eager=eager, chat=CHAT, max_tokens=6, round=ROUND, nonces=NONCES,
+def _run(model: str, tp: int, plugin: bool, eager: bool = True, extra: str = "{}", extension: bool | None = None,
+         async_engine: bool = False) -> dict:
+    cfg = dict(model=model, tp=tp, plugin=plugin, extension=plugin if extension is None else extension, eager=eager,
+               **{"async": async_engine}, chat=CHAT, max_tokens=6, round=ROUND, nonces=NONCES,
                bad_prefix_nonce=99, validate_nonces=[17, 3], extra=json.loads(extra))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_NUM_OF_RESERVED_CPU="0",
                VLLM_CPU_OMP_THREADS_BIND="0|1" if tp > 1 else "auto")
@@ -58,8 +60,8 @@ def _run(model: str, tp: int, plugin: bool, eager: bool = True, extra: str = "{}
     return {**json.loads(lines[-1][len("E2E_RESULT "):]), "log": out.stdout + out.stderr}
 
 
-def run(tiny, tp, plugin, eager=True, extra=None, extension=None):
-    return _run(tiny[1], tp, plugin, eager, json.dumps(extra or {}), extension)
+def run(tiny, tp, plugin, eager=True, extra=None, extension=None, async_engine=False):
+    return _run(tiny[1], tp, plugin, eager, json.dumps(extra or {}), extension, async_engine)
 
 
 def _artifacts(records):
@@ -119,3 +121,12 @@ def test_cpoc_config_without_worker_extension_fails_at_startup(tiny):
 def test_compiled_tp1(tiny, reference):
     """Default CPU compilation (dynamo + inductor) with the plugin: chat tokens still equal the plain run."""
     _check_mixed(run(tiny, 1, plugin=True, eager=False), run(tiny, 1, plugin=False), reference, 1, exact=False)
+
+
+def test_async_llm_with_governor_admission(tiny, reference):
+    """AsyncLLM: chat streamed concurrently while AsyncCpoc admits nonces as the governor decides."""
+    result = run(tiny, 1, plugin=True, async_engine=True)
+    assert result["chat_tokens"] == run(tiny, 1, plugin=False)["chat_tokens"]
+    assert result["refused"] == {}
+    assert {int(n): v for n, v in result["artifacts"].items()} == reference
+    assert sum(result["governor"].values()) > 0  # admission went through Governor.decide
