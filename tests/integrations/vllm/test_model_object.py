@@ -224,3 +224,59 @@ def test_compiled_buffers_update_in_place_without_retrace(compiled, reference):
     runner = PoCRunner(reference.model, other.block_hash, other.public_key, other.seq_len)
     assert_close_fp32(_rows(out, 0)[-1], runner.hidden_states([9])[0], TOL_COMPILED)
     _check_artifacts(state, runner, [9])
+
+
+def test_mrv2_model_state_glue(eager, reference, monkeypatch):
+    """MRV2: the wrapped resolver gives the Cpoc ModelState; add_request reads NewRequestData; prepare_inputs on a
+    real InputBatch builds the rows (a nonce chunked 10 + 6 with chat); remove_request forgets."""
+    import dataclasses
+
+    import numpy as np
+    from vllm import SamplingParams
+    from vllm.forward_context import set_forward_context
+    from vllm.v1.core.sched.output import NewRequestData
+    from vllm.v1.worker.gpu import model_states
+    from vllm.v1.worker.gpu.input_batch import InputBatch, InputBuffers
+
+    cfg, model, state = eager
+    assert model_states.resolve_model_state_cls._cpoc_wrapped
+    monkeypatch.setattr(cfg.parallel_config, "worker_extension_cls", plugin.WORKER_EXTENSION)
+    ms = model_states.init_model_state(cfg, model, None, torch.device("cpu"))
+    assert type(ms).__name__ == "CpocDefaultModelState" and ms._cpoc_state is state  # attach is idempotent
+    spec = poc_request(ROUND, 77)
+
+    def new_req(rid, ids, sp):
+        return NewRequestData(req_id=rid, prompt_token_ids=ids, mm_features=[], sampling_params=sp,
+                              pooling_params=None, block_ids=([],), num_computed_tokens=0, lora_request=None)
+
+    ms.add_request(0, new_req("m-chat", CHAT_A, SamplingParams(max_tokens=4)))
+    ms.add_request(1, new_req("m-poc", spec.prompt["prompt_token_ids"], SamplingParams(**spec.sampling_kwargs)))
+    dummy = InputBatch.make_dummy(2, 16, InputBuffers(8, 64, torch.device("cpu")))
+    h.AttentionContext.reset()
+    state.drain()
+
+    def step(reqs):
+        qsl = np.cumsum([0] + [r.n_rows for r in reqs]).astype(np.int32)
+        batch = dataclasses.replace(dummy, req_ids=[r.request_id for r in reqs], num_reqs=len(reqs),
+                                    query_start_loc_np=qsl,
+                                    num_computed_tokens_np=np.array([r.position for r in reqs], dtype=np.int32))
+        assert ms.prepare_inputs(batch, None) == {}
+        h.AttentionContext.segments = [h.Segment(r.request_id, int(qsl[i]), r.n_rows, r.position)
+                                       for i, r in enumerate(reqs)]
+        ids = [t for r in reqs for t in (r.tokens[r.position:r.position + r.n_rows] if r.tokens else [0] * r.n_rows)]
+        pos = [p for r in reqs for p in range(r.position, r.position + r.n_rows)]
+        with torch.inference_mode(), set_forward_context(None, cfg):
+            hidden = model(input_ids=torch.tensor(ids), positions=torch.tensor(pos))
+            model.compute_logits(hidden[torch.tensor(qsl[1:]) - 1])
+        return hidden, qsl
+
+    step([h.Req("m-chat", 0, 5, tokens=CHAT_A), h.Req("m-poc", 0, 10, spec=spec)])
+    assert state.drain() == []
+    hidden, qsl = step([h.Req("m-poc", 10, 6, spec=spec), h.Req("m-chat", 5, 4, tokens=CHAT_A)])
+    assert_close_fp32(hidden[qsl[1] - 1], reference.hidden_states([77])[0])
+    _check_artifacts(state, reference, [77])
+    ms.remove_request("m-poc")
+    ms.remove_request("m-chat")
+    assert ms._cpoc_views == {} and "m-poc" not in state.known_request_ids()
+    ms.prepare_dummy_inputs(2, 16)
+    assert not state.buffers.mask.any() and state.buffers.counts.sum() == 0
