@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import WORKER_EXTENSION
 from .state import CpocBuffers, CpocWorkerState, RequestView
 from .version import UnsupportedVllmError
 
@@ -118,7 +119,6 @@ def install_logits_processor(module) -> None:
 
 
 # ============================================================================================ attach
-WORKER_EXTENSION = "cpoc_kernels.integrations.vllm.worker.CpocWorkerExtension"
 
 
 def plugin_enabled(vllm_config) -> bool:
