@@ -47,9 +47,13 @@ def main() -> None:
     ap.add_argument("--config", choices=[*CONFIGS, "all"], default="tiny")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--duration", type=float, default=None, help="seconds of chat per run (preset default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a shared 2-core machine 2 OpenMP threads stall whenever "
+                         "another process holds a core)")
     ap.add_argument("--repeats", type=int, default=None, help="off/on repetitions per load (preset default)")
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "continuous_poc")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     for name in CONFIGS if args.config == "all" else [args.config]:
         cfg = CONFIGS[name]
         dtype_name = str(cfg["dtype"]).replace("torch.", "")

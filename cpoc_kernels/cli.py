@@ -146,7 +146,9 @@ def _add_mixed_args(p: argparse.ArgumentParser, duration: float) -> None:
     p.add_argument("--max-requests", type=int, default=32, help="max requests per step")
     p.add_argument("--prompt-len", default="16:64", help="chat prompt length range MIN:MAX")
     p.add_argument("--output-len", default="8:24", help="chat output length range MIN:MAX")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default %(default)s: small steps gain nothing from more, and on a shared "
+                        "machine OpenMP threads stall whenever another process holds a core)")
     p.add_argument("--seed", type=int, default=0)
 
 
