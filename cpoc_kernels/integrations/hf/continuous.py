@@ -10,18 +10,27 @@ engine's forward compute the nonce exactly as a pure-PoC forward would (spec §4
 * decoder layer forward hooks: Householder reflection of the layer output (the residual stream) on PoC
   rows only (chat rows are not written);
 * final-norm forward hook: the last-position hidden state of each nonce whose prefill completes in
-  this step is read out through the output stage → :class:`~cpoc_kernels.artifacts.Artifact`;
+  this step is copied out; a worker thread runs the output stage → :class:`~cpoc_kernels.artifacts.Artifact`
+  (the worker also prepares the next nonces' input embeddings and feeds the governor's step-time fit);
 * ``lm_head`` pre/post hooks: PoC rows are removed from the LM head input and get zero logits back
   (their sampled token is discarded), so the LM head never sees a PoC row;
 * the scheduler's ``schedule_batch`` is wrapped: chat is scheduled first with the whole token budget as
   if PoC did not exist; then the :class:`~cpoc_kernels.governor.Governor` decides how many PoC tokens may
-  join the step and how many new nonces to admit; PoC requests are scheduled only into what is left;
+  join the step and how many new nonces to admit; PoC requests are scheduled only into what is left
+  (the engine's own scheduler, run over the PoC requests alone). If chat is short of KV the governor asks
+  for preemption: in-flight PoC nonces are dropped (and re-queued), the engine never offloads chat for PoC.
+  In ``fill`` mode the measured fixed cost of a step with PoC rows is charged to the SLO allowance first
+  (:meth:`ContinuousPoC._fixed_cost_adapter`);
 * the output router is wrapped: PoC requests' outputs never reach the chat output queue/handlers.
 
 Every hook body is guarded: an exception inside PoC handling disables PoC (hooks become pass-through for
 chat, in-flight PoC requests are cancelled), is recorded in :meth:`ContinuousPoC.stats`, and chat continues.
 
-All knowledge of transformers' CB internals is in :class:`_CBInternals` (supported: transformers 5.20–5.24).
+All knowledge of transformers' CB internals is in :class:`_CBInternals` and :func:`_model_parts`
+(supported: transformers 5.20–5.24; tested on 5.24.0). Requirements: ``allow_block_sharing=False``,
+no async batching, no CUDA graphs (checked at attach); sizes set explicitly on CPU (:func:`cb_config`).
+Not supported: tensor parallelism (PoC requests bypass the TP driver's input queue), CPU KV offloading
+space (``cpu_offload_space``; soft resets are fine: positions are absolute).
 """
 from __future__ import annotations
 
