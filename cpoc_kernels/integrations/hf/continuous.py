@@ -34,6 +34,7 @@ space (``cpu_offload_space``; soft resets are fine: positions are absolute).
 """
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -54,6 +55,7 @@ from cpoc_kernels.rows import NonceTracker, PoCRows
 from .runner import decoder_layers
 
 SUPPORTED_TRANSFORMERS = "5.20–5.24"
+logger = logging.getLogger("cpoc_kernels.continuous")
 
 # ============================================================================================ PoC math
 # The only place that picks between cpoc_kernels.ops and the reference (switching backends is here).
@@ -613,6 +615,8 @@ class ContinuousPoC:
                 return
             self._failed = f"{where}: {type(exc).__name__}: {exc}"
             self._error = exc
+            logger.error("continuous PoC stopped after an error in %s (chat continues): %s", where, exc,
+                         exc_info=exc)
             self._traceback = traceback.format_exc()
             self._running = False
             if self.governor is not None:
