@@ -112,3 +112,46 @@ def test_admission_follows_the_governor():
     assert admission.admit(idle) == 8  # no chat: fill the batch
     full = {"steps": 2, "recent_steps": [{"rows": 64, "poc_rows": 0, "seconds_since_previous": 0.01}]}
     assert admission.admit(full) == 0  # chat fills the batch
+
+
+@pytest.fixture
+def fresh_plugin_status(monkeypatch):
+    import cpoc_kernels.integrations.vllm as plugin
+
+    monkeypatch.setattr(plugin, "_status", {"registered": False, "vllm": None, "error": None})
+    return plugin
+
+
+def test_register_refuses_unsupported_vllm(fresh_plugin_status, monkeypatch):
+    plugin = fresh_plugin_status
+    monkeypatch.setattr(version, "installed_vllm_version", lambda: "0.30.1")
+    with pytest.raises(version.UnsupportedVllmError, match=r"found vLLM '0\.30\.1'"):
+        plugin.register()
+    status = plugin.plugin_status()
+    assert not status["registered"] and "0.32.x, 0.33.x" in status["error"]
+
+
+def test_register_can_be_disabled(fresh_plugin_status, monkeypatch):
+    plugin = fresh_plugin_status
+    monkeypatch.setenv(plugin.DISABLE_ENV, "1")
+    monkeypatch.setattr(version, "installed_vllm_version", lambda: pytest.fail("must not look at vLLM"))
+    plugin.register()
+    assert plugin.plugin_status() == {"registered": False, "vllm": None, "error": "disabled by CPOC_VLLM_DISABLE=1"}
+
+
+def test_when_imported_runs_after_the_module_executed(tmp_path, monkeypatch):
+    import sys
+
+    from cpoc_kernels.integrations.vllm.seams import when_imported
+
+    (tmp_path / "cpoc_probe_mod.py").write_text("VALUE = 41\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    when_imported("cpoc_probe_mod", lambda m: seen.append(m.VALUE + 1))
+    assert seen == []
+    import cpoc_probe_mod  # noqa: F401
+
+    assert seen == [42]
+    when_imported("cpoc_probe_mod", lambda m: seen.append(m.VALUE))  # already imported: runs at once
+    assert seen == [42, 41]
+    sys.modules.pop("cpoc_probe_mod")
