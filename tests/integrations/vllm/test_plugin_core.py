@@ -155,3 +155,15 @@ def test_when_imported_runs_after_the_module_executed(tmp_path, monkeypatch):
     when_imported("cpoc_probe_mod", lambda m: seen.append(m.VALUE))  # already imported: runs at once
     assert seen == [42, 41]
     sys.modules.pop("cpoc_probe_mod")
+
+
+def test_preempted_nonce_restarts_from_position_zero():
+    """V1 recomputes a preempted request from position 0 (no prefix-cache read for PoC): start over, no refusal."""
+    state = _state()
+    views = {"p": _view(ROUND, 5)}
+    state.begin_step(["p"], [0, 5], [0], views.get)
+    state.end_forward()
+    state.begin_step(["p"], [0, 8], [0], views.get)  # preempted, rescheduled whole
+    plan = state.take_logits_plan(1)
+    assert [(c.logits_row, c.nonce) for c in plan.completions] == [(0, 5)]
+    assert state.buffers.rows[0, :8].tolist() == list(range(8)) and state.drain() == []
