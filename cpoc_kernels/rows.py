@@ -96,7 +96,7 @@ class PoCRows:
         if len(cu) < len(request_ids) + 1:
             raise ValueError(f"cu_seq_lens_q has {len(cu)} entries for {len(request_ids)} requests")
         lookup = nonce_of.get if isinstance(nonce_of, Mapping) else nonce_of
-        pos = position_ids if isinstance(position_ids, list) else list(position_ids)
+        pos = position_ids if isinstance(position_ids, list) else [int(p) for p in position_ids]
         total = len(pos) if num_rows is None else int(num_rows)
         segments = []
         for i, rid in enumerate(request_ids):
@@ -109,7 +109,7 @@ class PoCRows:
             if stop > len(pos):
                 raise ValueError(f"request {rid!r}: rows {start}:{stop} beyond {len(pos)} position ids")
             p0 = int(pos[start])
-            if any(int(pos[start + j]) != p0 + j for j in range(stop - start)):
+            if pos[start:stop] != list(range(p0, stop - start + p0)):  # list comparison: one C loop
                 raise ValueError(f"PoC request {rid!r}: positions {pos[start:stop]} are not consecutive")
             if p0 + (stop - start) > seq_len:
                 raise ValueError(f"PoC request {rid!r}: positions up to {p0 + stop - start - 1} >= seq_len {seq_len}")

@@ -290,7 +290,7 @@ class _Step:
     compute: bool = False  # PoC compute hooks active this step
     row_index: torch.Tensor | None = None
     readout: torch.Tensor | None = None
-    inputs: torch.Tensor | None = None
+    inputs: list[tuple[int, int, torch.Tensor]] | None = None  # (row_start, row_stop, input rows) per segment
     lm_full: int = 0
     lm_index: torch.Tensor | None = None
     thread: int = 0  # the engine thread running this step: hooks ignore forwards from other threads
@@ -904,10 +904,14 @@ class ContinuousPoC:
             segs = rows.segments
             if all(a.row_stop == b.row_start for a, b in zip(segs, segs[1:])):
                 step.block = slice(segs[0].row_start, segs[-1].row_stop)
-            step.row_index = rows.row_index(self.device)
+            else:  # the row index tensor is only needed when the PoC rows are not one block
+                step.row_index = rows.row_index(self.device)
             step.readout = rows.readout_rows(self.device)
-            by_nonce = {seg.nonce: seg.request_id for seg in rows.segments}
-            step.inputs = rows.gather_inputs(lambda n: tracker.inputs_of_request(by_nonce[n]))
+            # each segment's slice of its nonce's inputs, copied straight into its rows by _on_embed
+            # (no [P, H] concatenation); looked up here so a missing input fails before the forward
+            step.inputs = [(seg.row_start, seg.row_stop,
+                            tracker.inputs_of_request(seg.request_id)[seg.position:seg.position + seg.n_rows])
+                           for seg in segs]
         return None
 
     def _current(self) -> _Step | None:
@@ -951,11 +955,8 @@ class ContinuousPoC:
         if step is None or not step.compute or self._failed is not None:
             return None
         flat = output.view(-1, output.shape[-1])
-        inputs = step.inputs.to(device=flat.device, dtype=flat.dtype)
-        if step.block is not None:
-            flat[step.block].copy_(inputs)
-        else:
-            flat.index_copy_(0, step.row_index, inputs)
+        for start, stop, inputs in step.inputs:  # copy_ converts device/dtype as .to() would
+            flat[start:stop].copy_(inputs)
         return output
 
     def _make_layer_hook(self, i: int):

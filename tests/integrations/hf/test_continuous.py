@@ -296,3 +296,38 @@ def test_fixed_share_budget_bounds_poc_rows_per_step(model, pure):
     assert max(per_step) == MAX_BATCH_TOKENS // 4  # floor(0.25 * 32) and actually reached
     assert sum(per_step) == len(nonces) * SEQ_LEN
     assert_equivalent({a.nonce: a.vector() for a in cp.collected}, pure(nonces), cp.collected)
+
+
+def test_idle_max_tokens_bounds_idle_steps_only(model, pure):
+    """A large engine batch with ``idle_max_tokens``: steps without chat carry at most ``idle_max_tokens``
+    PoC rows (and reach it), while chat still gets the engine's whole token budget; artifacts unchanged."""
+    nonces = list(range(400, 408))
+    big, idle = 96, SEQ_LEN  # the idle cap is one nonce's prefill; chat may use up to 96 tokens per step
+    prompts = [[int(t) for t in np.random.default_rng(31 + i).integers(1, 500, size=30)] for i in range(3)]
+    gen = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb_config(
+        max_batch_tokens=big, num_blocks=64, page_size=16, max_requests_per_batch=16))
+    cp = ContinuousPoC(model, mgr, governor_options={"idle_max_tokens": idle})
+    per_step = []  # (PoC rows, all rows) of every step
+    handle = model.register_forward_pre_hook(
+        lambda m, a, k: per_step.append((cp._step.poc_rows, cp._step.total_rows) if cp._step is not None
+                                        else (0, 0)), with_kwargs=True)
+    try:
+        for p in prompts:
+            mgr.add_request(p, max_new_tokens=3)
+        cp.start(BH, PK, iter(nonces), SEQ_LEN)
+        mgr.start()
+        for _ in prompts:
+            assert mgr.get_result(timeout=TIMEOUT) is not None
+        assert cp.wait(nonces=len(nonces), timeout=TIMEOUT)
+        cp.stop()
+    finally:
+        mgr.stop(block=True, timeout=TIMEOUT)
+        cp.detach()
+        handle.remove()
+    idle_steps = [p for p, total in per_step if p == total and p > 0]
+    chat_rows = [total - p for p, total in per_step]
+    assert idle_steps and max(idle_steps) == idle  # capped, and the cap is reached
+    assert max(chat_rows) == len(prompts) * 30  # the chat prefill is one step: not bounded by the idle cap
+    assert sum(p for p, _ in per_step) == len(nonces) * SEQ_LEN
+    assert_equivalent({a.nonce: a.vector() for a in cp.collected}, pure(nonces), cp.collected)
