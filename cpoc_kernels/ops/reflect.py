@@ -10,6 +10,16 @@ block order, then a fixed tree), which may differ from torch's order. The output
 bit-equal to the reference whenever ``A(dot)`` does not depend on the summation order (always true
 for the golden rows, true for the vast majority of random rows). One program per selected row: a row's
 result never depends on the other rows (batch-invariant). Rows not listed are never read or written.
+
+Two selections, one kernel body (``_reflect_pair``), hence the same rounding points, reduction order and
+exactness:
+
+* ``cpoc::masked_reflect_(hidden, residual, v, rows)``: ``rows`` int64 indices [R], one program per listed row
+  (the grid depends on R: the caller knows R on the host);
+* ``cpoc::masked_reflect_rows_mask_(hidden, residual, v, row_mask)``: ``row_mask`` bool/uint8 [N] over all rows,
+  N programs, each loads its mask entry and exits when it is 0 (the row is neither read nor written). The grid
+  is fixed by hidden's shape and nothing is read on the host, so a captured CUDA graph stays valid when the mask
+  content changes between replays. On CPU: ``where(mask, reference(x), x)`` (no host sync either).
 """
 from __future__ import annotations
 
@@ -68,6 +78,15 @@ def _reflect_row(x_ptr, v_ptr, H, KIND: tl.constexpr, BLOCK: tl.constexpr, SINGL
 
 
 @triton.jit
+def _reflect_pair(h_ptr, r_ptr, v_ptr, row, H, h_stride, r_stride,
+                  HAS_RES: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+    """Reflect row ``row`` (int64) of hidden and, if HAS_RES, of residual: the body shared by both kernels."""
+    _reflect_row(h_ptr + row * h_stride, v_ptr, H, KIND, BLOCK, SINGLE)
+    if HAS_RES:
+        _reflect_row(r_ptr + row * r_stride, v_ptr, H, KIND, BLOCK, SINGLE)
+
+
+@triton.jit
 def _masked_reflect_kernel(
     h_ptr, r_ptr, v_ptr, rows_ptr, H, h_stride, r_stride,
     HAS_RES: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
@@ -75,9 +94,22 @@ def _masked_reflect_kernel(
     """Program i reflects row rows[i] of hidden (and of residual): whole-row reduction in one program."""
     i = tl.program_id(0)
     row = tl.load(rows_ptr + i).to(tl.int64)
-    _reflect_row(h_ptr + row * h_stride, v_ptr, H, KIND, BLOCK, SINGLE)
-    if HAS_RES:
-        _reflect_row(r_ptr + row * r_stride, v_ptr, H, KIND, BLOCK, SINGLE)
+    _reflect_pair(h_ptr, r_ptr, v_ptr, row, H, h_stride, r_stride, HAS_RES, KIND, BLOCK, SINGLE)
+
+
+@triton.jit
+def _masked_reflect_rows_mask_kernel(
+    h_ptr, r_ptr, v_ptr, mask_ptr, H, h_stride, r_stride, m_stride,
+    HAS_RES: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
+):
+    """Program i reflects row i iff mask[i] != 0 (uint8), else exits without touching the row.
+
+    The grid is the number of rows of hidden (a shape, never the mask's content): a captured CUDA graph stays
+    valid when the mask changes between replays.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(mask_ptr + row * m_stride) != 0:
+        _reflect_pair(h_ptr, r_ptr, v_ptr, row, H, h_stride, r_stride, HAS_RES, KIND, BLOCK, SINGLE)
 
 
 def _block_for(hidden: int) -> tuple[int, bool]:
@@ -86,19 +118,37 @@ def _block_for(hidden: int) -> tuple[int, bool]:
     return (p2, True) if p2 <= _MAX_SINGLE_BLOCK else (_LOOP_BLOCK, False)
 
 
+def _launch(kernel, programs: int, hidden: torch.Tensor, residual: torch.Tensor | None, v: torch.Tensor,
+            selector: torch.Tensor, *selector_args) -> None:
+    """Launch ``kernel`` on ``programs`` programs: (hidden, residual, v, selector, H, strides, *selector_args)."""
+    H = hidden.shape[1]
+    block, single = _block_for(H)
+    res = residual if residual is not None else hidden
+    kernel[(programs,)](
+        kernel_view(hidden), kernel_view(res), v, selector, H, hidden.stride(0), res.stride(0), *selector_args,
+        HAS_RES=residual is not None, KIND=dtype_kind(hidden.dtype), BLOCK=block, SINGLE=single,
+        num_warps=8 if block >= 4096 else 4, **launch_opts(hidden.device),
+    )
+
+
 def masked_reflect_triton(hidden: torch.Tensor, residual: torch.Tensor | None, v: torch.Tensor,
                           rows: torch.Tensor) -> None:
     """Triton launch (no validation): hidden/residual [N, H] (unit column stride), v fp32 [H], rows int64 [R]."""
     if rows.numel() == 0:
         return
-    H = hidden.shape[1]
-    block, single = _block_for(H)
-    res = residual if residual is not None else hidden
-    _masked_reflect_kernel[(rows.numel(),)](
-        kernel_view(hidden), kernel_view(res), v, rows, H, hidden.stride(0), res.stride(0),
-        HAS_RES=residual is not None, KIND=dtype_kind(hidden.dtype), BLOCK=block, SINGLE=single,
-        num_warps=8 if block >= 4096 else 4, **launch_opts(hidden.device),
-    )
+    _launch(_masked_reflect_kernel, rows.numel(), hidden, residual, v, rows)
+
+
+def masked_reflect_rows_mask_triton(hidden: torch.Tensor, residual: torch.Tensor | None, v: torch.Tensor,
+                                    row_mask: torch.Tensor) -> None:
+    """Triton launch (no validation): row_mask bool/uint8 [N] on hidden's device; grid = N programs.
+
+    No host read of the mask and no allocation: safe to capture in a CUDA graph (the mask is read at replay).
+    """
+    if hidden.shape[0] == 0:
+        return
+    mask = row_mask.view(torch.uint8) if row_mask.dtype == torch.bool else row_mask
+    _launch(_masked_reflect_rows_mask_kernel, hidden.shape[0], hidden, residual, v, mask, mask.stride(0))
 
 
 def masked_reflect_torch(hidden: torch.Tensor, residual: torch.Tensor | None, v: torch.Tensor,
@@ -109,6 +159,19 @@ def masked_reflect_torch(hidden: torch.Tensor, residual: torch.Tensor | None, v:
     for x in (hidden, residual):
         if x is not None:
             x.index_copy_(0, rows, reflect_reference(x.index_select(0, rows), v))
+
+
+def masked_reflect_rows_mask_torch(hidden: torch.Tensor, residual: torch.Tensor | None, v: torch.Tensor,
+                                   row_mask: torch.Tensor) -> None:
+    """Plain-torch mask path without a host sync: the reference on every row, ``where(mask, R(x), x)`` in place.
+
+    Selected rows get the reference's values (each row's dot is its own reduction); the others are written back
+    with their own bits (``where`` passes them exactly, NaN/Inf included).
+    """
+    sel = row_mask.to(device=hidden.device, dtype=torch.bool)[:, None]
+    for x in (hidden, residual):
+        if x is not None:
+            x.copy_(torch.where(sel, reflect_reference(x, v), x))
 
 
 @torch.library.custom_op("cpoc::masked_reflect_", mutates_args=("hidden", "residual"))
@@ -129,12 +192,30 @@ def _(hidden, residual, v, rows):
     return None
 
 
+@torch.library.custom_op("cpoc::masked_reflect_rows_mask_", mutates_args=("hidden", "residual"))
+def masked_reflect_rows_mask_op(hidden: torch.Tensor, residual: torch.Tensor | None, v: torch.Tensor,
+                                row_mask: torch.Tensor) -> None:
+    """In place on the rows of hidden and residual ([N, H]) where ``row_mask`` (bool/uint8 [N]) is set; v fp32 [H].
+
+    CUDA -> Triton, N programs whatever the mask holds (CUDA-graph safe: no host sync, no allocation, a launch
+    grid fixed by the shape); CPU -> ``where(mask, reference, x)``. No validation (see ``masked_reflect_``).
+    """
+    if hidden.device.type == "cuda":
+        masked_reflect_rows_mask_triton(hidden, residual, v, row_mask)
+    else:
+        masked_reflect_rows_mask_torch(hidden, residual, v, row_mask)
+
+
+@masked_reflect_rows_mask_op.register_fake
+def _(hidden, residual, v, row_mask):
+    return None
+
+
+_MASK_DTYPES = (torch.bool, torch.uint8)
+
+
 def _rows_index(rows, n: int, device: torch.device) -> torch.Tensor:
     if isinstance(rows, torch.Tensor):
-        if rows.dtype == torch.bool:
-            if rows.shape != (n,):
-                raise ValueError(f"row mask must have shape ({n},), got {tuple(rows.shape)}")
-            return rows.to(device).nonzero().flatten()
         if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dim() != 1:
             raise ValueError(f"rows must be a 1-D integer index tensor or a bool mask, got {rows.dtype} {tuple(rows.shape)}")
         idx = rows.to(device=device, dtype=torch.int64)
@@ -153,17 +234,16 @@ def _rows_index(rows, n: int, device: torch.device) -> torch.Tensor:
     return idx.contiguous()
 
 
-def masked_reflect_(hidden: torch.Tensor, residual: torch.Tensor | None, v: torch.Tensor, rows,
-                    backend: str = "auto") -> None:
-    """Reflect the selected rows of ``hidden`` and ``residual`` in place; other rows stay bit-identical.
+def _row_mask(row_mask, n: int, device: torch.device) -> torch.Tensor:
+    """Checks shape and dtype only (metadata, no host read of the content)."""
+    if not isinstance(row_mask, torch.Tensor) or row_mask.dtype not in _MASK_DTYPES:
+        raise ValueError(f"row mask must be a bool or uint8 tensor, got {getattr(row_mask, 'dtype', type(row_mask))}")
+    if row_mask.shape != (n,):
+        raise ValueError(f"row mask must have shape ({n},), got {tuple(row_mask.shape)}")
+    return row_mask.to(device)
 
-    hidden, residual: [N, H] fp32/fp16/bf16 (same shape/dtype/device, unit column stride; residual may be
-    None); v: [H] unit vector (cast to fp32); rows: int index list/tensor (distinct, in [0, N)) or a bool
-    mask [N]. Exact per the module docstring (bit-equal to ``reference.reflect`` whenever the row's
-    bf16/fp16 dot is summation-order robust). Validation syncs with the host; CUDA-graph callers use
-    ``torch.ops.cpoc.masked_reflect_`` with a prepared index tensor.
-    backend: "auto" (Triton on CUDA, torch on CPU), "triton", "torch".
-    """
+
+def _check_tensors(hidden, residual, v) -> tuple[int, int]:
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError(f"hidden must be a 2-D [N, H] tensor, got {getattr(hidden, 'shape', type(hidden))}")
     if hidden.dtype not in FLOAT_DTYPES:
@@ -182,6 +262,24 @@ def masked_reflect_(hidden: torch.Tensor, residual: torch.Tensor | None, v: torc
             raise ValueError("residual must not share memory with hidden")
     if not isinstance(v, torch.Tensor) or v.shape != (h,) or not v.dtype.is_floating_point:
         raise ValueError(f"v must be a floating [{h}] tensor, got {getattr(v, 'shape', type(v))}")
+    return n, h
+
+
+def masked_reflect_(hidden: torch.Tensor, residual: torch.Tensor | None, v: torch.Tensor, rows,
+                    backend: str = "auto") -> None:
+    """Reflect the selected rows of ``hidden`` and ``residual`` in place; other rows stay bit-identical.
+
+    hidden, residual: [N, H] fp32/fp16/bf16 (same shape/dtype/device, unit column stride; residual may be
+    None); v: [H] unit vector (cast to fp32); rows: int index list/tensor (distinct, in [0, N)) or a bool
+    mask [N]. Exact per the module docstring (bit-equal to ``reference.reflect`` whenever the row's
+    bf16/fp16 dot is summation-order robust). An index list is validated on the host (a sync); a bool mask
+    goes to :func:`masked_reflect_rows_mask_` as it is (never converted to indices: no host read).
+    backend: "auto" (Triton on CUDA, torch on CPU), "triton", "torch".
+    """
+    if isinstance(rows, torch.Tensor) and rows.dtype == torch.bool:
+        masked_reflect_rows_mask_(hidden, residual, v, rows, backend)
+        return
+    n, _ = _check_tensors(hidden, residual, v)
     path = check_backend(backend, hidden.device)
     idx = _rows_index(rows, n, hidden.device)
     vf = v.to(device=hidden.device, dtype=torch.float32).contiguous()
@@ -191,3 +289,24 @@ def masked_reflect_(hidden: torch.Tensor, residual: torch.Tensor | None, v: torc
         masked_reflect_triton(hidden, residual, vf, idx)
     else:
         masked_reflect_torch(hidden, residual, vf, idx)
+
+
+def masked_reflect_rows_mask_(hidden: torch.Tensor, residual: torch.Tensor | None, v: torch.Tensor,
+                              row_mask: torch.Tensor, backend: str = "auto") -> None:
+    """Reflect the rows of ``hidden`` and ``residual`` where ``row_mask`` (bool or uint8 [N], nonzero = selected) is set.
+
+    Same arithmetic and exactness as :func:`masked_reflect_` (the same kernel body); unselected rows are never
+    written by the Triton kernel. Validation reads metadata only (shapes, dtypes): no host sync, no
+    data-dependent shape — the launch has N programs whatever the mask holds (CUDA-graph callers use
+    ``torch.ops.cpoc.masked_reflect_rows_mask_`` on static buffers directly).
+    """
+    n, _ = _check_tensors(hidden, residual, v)
+    path = check_backend(backend, hidden.device)
+    mask = _row_mask(row_mask, n, hidden.device)
+    vf = v.to(device=hidden.device, dtype=torch.float32).contiguous()
+    if backend == "auto":
+        torch.ops.cpoc.masked_reflect_rows_mask_(hidden, residual, vf, mask)
+    elif path == "triton":
+        masked_reflect_rows_mask_triton(hidden, residual, vf, mask)
+    else:
+        masked_reflect_rows_mask_torch(hidden, residual, vf, mask)

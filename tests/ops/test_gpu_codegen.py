@@ -19,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 from cpoc_kernels.ops._common import launch_opts
 from cpoc_kernels.ops.inputs import _normals_kernel
 from cpoc_kernels.ops.readout import _readout_kernel
-from cpoc_kernels.ops.reflect import _masked_reflect_kernel
+from cpoc_kernels.ops.reflect import _masked_reflect_kernel, _masked_reflect_rows_mask_kernel
 import torch
 
 opts = dict(launch_opts(torch.device("cuda")), num_warps=4)
@@ -37,6 +37,10 @@ comp("normals", _normals_kernel,
 comp("reflect_f32", _masked_reflect_kernel,
      dict(h_ptr="*fp32", r_ptr="*fp32", v_ptr="*fp32", rows_ptr="*i64", H=i32, h_stride=i32, r_stride=i32,
           HAS_RES="constexpr", KIND="constexpr", BLOCK="constexpr", SINGLE="constexpr"),
+     dict(HAS_RES=True, KIND=0, BLOCK=4096, SINGLE=True))
+comp("reflect_mask_f32", _masked_reflect_rows_mask_kernel,
+     dict(h_ptr="*fp32", r_ptr="*fp32", v_ptr="*fp32", mask_ptr="*u8", H=i32, h_stride=i32, r_stride=i32,
+          m_stride=i32, HAS_RES="constexpr", KIND="constexpr", BLOCK="constexpr", SINGLE="constexpr"),
      dict(HAS_RES=True, KIND=0, BLOCK=4096, SINGLE=True))
 comp("readout", _readout_kernel,
      dict(hs_ptr="*i16", idx_ptr="*i64", haar_ptr="*fp32", out_ptr="*fp16", H=i32, hs_stride=i32,
@@ -76,6 +80,16 @@ def test_reflect_fp32_has_no_fma(ptx):
     ops = _ops(ptx["reflect_f32"])
     assert not any(o.startswith("fma") for o in ops), sorted(ops)
     assert {"mul.rn.f32", "sub.rn.f32"} <= ops
+
+
+def test_reflect_rows_mask_compiles_to_the_same_arithmetic(ptx):
+    """The row-mask kernel (N programs, per-row early exit) compiles for sm_90 with the index kernel's math."""
+    ops = _ops(ptx["reflect_mask_f32"])
+    assert not any(o.startswith("fma") for o in ops), sorted(ops)
+    assert ops == _ops(ptx["reflect_f32"])
+    text = ptx["reflect_mask_f32"]
+    load = text.index("ld.global.b8")  # the program's mask byte, then a branch over the whole row body
+    assert re.search(r"setp\.eq\.b16\s+(%p\d+), %rs\d+, 0;(\s+\.loc[^\n]*)?\s+@\1 bra", text[load:]), text[load:load + 400]
 
 
 def test_readout_ieee_div_sqrt_no_fma(ptx):

@@ -220,3 +220,176 @@ def test_strided_rows(backend):
     ops.masked_reflect_(hidden, residual, v, [0, 2, 3], backend=backend)
     assert torch.equal(wide_h[:, :48], hidden) and torch.equal(wide_r[:, :48], residual)
     assert (wide_h[:, 48:] == 3).all() and (wide_r[:, 48:] == 3).all()
+
+
+# ------------------------------------------------------------------------------------------ row-mask variant
+def _mask_of(n, rows, dtype=torch.bool):
+    m = torch.zeros(n, dtype=torch.bool)
+    m[list(rows)] = True
+    return m.to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_golden_reflect_bf16_rows_mask(primitives, backend):
+    for case in primitives["reflect_bf16"]:
+        v = f32_from_hex(case["v_f32_hex"])
+        x = _bf16_from_hex(case["x_bf16_hex"])
+        y = _bf16_from_hex(case["y_bf16_hex"])
+        n, h = x.shape
+        gen = torch.Generator().manual_seed(n * h + 1)
+        hidden = torch.randn(2 * n + 1, h, generator=gen).to(torch.bfloat16)
+        residual = torch.randn(2 * n + 1, h, generator=gen).to(torch.bfloat16)
+        rows = list(range(1, 2 * n, 2))
+        hidden[rows] = x
+        residual[rows] = x
+        h0, r0 = hidden.clone(), residual.clone()
+        mask = _mask_of(2 * n + 1, rows)
+        ops.masked_reflect_rows_mask_(hidden, residual, v, mask, backend=backend)
+        assert torch.equal(hidden[rows], y) and torch.equal(residual[rows], y)
+        assert torch.equal(hidden[~mask], h0[~mask]) and torch.equal(residual[~mask], r0[~mask])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("h", [100, 1000, 9000])  # non-powers of two; 9000 > 8192: the looping variant
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_rows_mask_vs_index_and_reference(backend, dtype, h, with_residual):
+    """The mask path gives exactly the index path's bits (same kernel body) on selected rows, leaves the others."""
+    n = 9 if h < 9000 else 5
+    hidden, residual, v = _case(n, h, dtype, seed=h + 3)
+    residual = residual if with_residual else None
+    rows = [0, 2, 3, n - 1]
+    mask = _mask_of(n, rows)
+    got_h = hidden.clone()
+    got_r = residual.clone() if with_residual else None
+    ops.masked_reflect_(got_h, got_r, v, mask, backend=backend)  # bool rows: the mask path
+    idx_h = hidden.clone()
+    idx_r = residual.clone() if with_residual else None
+    ops.masked_reflect_(idx_h, idx_r, v, torch.tensor(rows), backend=backend)
+    assert torch.equal(got_h, idx_h)
+    pairs = [(got_h, hidden)] + ([(got_r, residual)] if with_residual else [])
+    if with_residual:
+        assert torch.equal(got_r, idx_r)
+    for got, before in pairs:
+        assert torch.equal(got[~mask], before[~mask])
+        ref = R.reflect(before[rows], v)
+        if backend == "torch":
+            assert torch.equal(got[rows], ref)
+        elif dtype != torch.float32:
+            robust = _robust_rows(before[rows], v)
+            assert torch.equal(got[rows][robust], ref[robust])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_rows_mask_uint8_equals_bool(backend):
+    hidden, residual, v = _case(8, 64, torch.float16, seed=13)
+    a, ra, b, rb = hidden.clone(), residual.clone(), hidden.clone(), residual.clone()
+    rows = [1, 5, 6]
+    ops.masked_reflect_rows_mask_(a, ra, v, _mask_of(8, rows), backend=backend)
+    u8 = _mask_of(8, rows, torch.uint8) * 7  # any nonzero byte selects
+    ops.masked_reflect_rows_mask_(b, rb, v, u8, backend=backend)
+    assert torch.equal(a, b) and torch.equal(ra, rb)
+    assert not torch.equal(a[rows], hidden[rows])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rows_mask_batch_invariance(backend, dtype):
+    """A row's result is the same alone, with every row selected, and among other rows/neighbours."""
+    hidden, residual, v = _case(9, 300, dtype, seed=17)
+    target = hidden[4].clone()
+    alone = target[None].clone()
+    ops.masked_reflect_rows_mask_(alone, None, v, torch.ones(1, dtype=torch.bool), backend=backend)
+    a = hidden.clone()
+    ops.masked_reflect_rows_mask_(a, None, v, torch.ones(9, dtype=torch.bool), backend=backend)
+    b = residual.clone()
+    b[4] = target
+    ops.masked_reflect_rows_mask_(b, None, v, _mask_of(9, [4, 8]), backend=backend)
+    assert torch.equal(a[4], alone[0]) and torch.equal(b[4], alone[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_mask_all_false_is_noop(backend):
+    hidden, residual, v = _case(5, 40, torch.bfloat16, seed=19)
+    hidden[2, 3] = float("nan")  # unselected non-finite values pass through bit-exactly
+    residual[1, 0] = float("inf")
+    h0, r0 = hidden.clone(), residual.clone()
+    ops.masked_reflect_rows_mask_(hidden, residual, v, torch.zeros(5, dtype=torch.bool), backend=backend)
+    assert torch.equal(hidden.view(torch.int16), h0.view(torch.int16))
+    assert torch.equal(residual.view(torch.int16), r0.view(torch.int16))
+    empty = torch.empty(0, 40, dtype=torch.bfloat16)
+    ops.masked_reflect_rows_mask_(empty, None, v, torch.zeros(0, dtype=torch.bool), backend=backend)
+
+
+def test_rows_mask_launch_grid_is_the_row_count(monkeypatch):
+    """Graph safety by construction: N programs whatever the mask holds (never a count read from the mask)."""
+    from cpoc_kernels.ops import reflect as mod
+
+    grids = []
+    kernel = mod._masked_reflect_rows_mask_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(mod, "_masked_reflect_rows_mask_kernel", Recorder())
+    hidden, residual, v = _case(6, 32, torch.float32, seed=23)
+    for rows in ([], [3], [0, 1, 2, 3, 4, 5]):
+        ops.masked_reflect_rows_mask_(hidden, residual, v, _mask_of(6, rows), backend="triton")
+    assert grids == [(6,), (6,), (6,)]
+
+
+def test_rows_mask_path_reads_nothing_on_the_host():
+    """The public wrapper with a bool mask (CPU auto path) runs no host read (.item/.nonzero/...): no sync on CUDA."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    hidden, residual, v = _case(6, 32, torch.bfloat16, seed=29)
+    mask, index = _mask_of(6, [1, 4]), torch.tensor([1, 4])
+    host_reads = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.item"}
+    for backend, must_see in (("auto", "cpoc.masked_reflect_rows_mask_"), ("torch", "aten.where")):
+        seen.clear()
+        with Record():  # auto: the wrapper then the opaque op; torch: the wrapper and the op's CPU body
+            ops.masked_reflect_(hidden, residual, v, mask, backend=backend)
+        assert must_see in seen and not host_reads & set(seen), seen
+    seen.clear()
+    with Record():  # the index path validates on the host (the reason CUDA-graph callers use the mask)
+        ops.masked_reflect_(hidden, residual, v, index)
+    assert "aten._local_scalar_dense" in seen
+
+
+@pytest.mark.parametrize("bad", ["short", "long", "2d", "int32", "float", "list", "vshape", "alias"])
+def test_rows_mask_bad_input_raises_untouched(bad):
+    hidden, residual, v = _case(6, 32, torch.bfloat16, seed=31)
+    mask = _mask_of(6, [0, 2])
+    if bad == "short":
+        mask = mask[:5]
+    elif bad == "long":
+        mask = torch.ones(7, dtype=torch.bool)
+    elif bad == "2d":
+        mask = mask[None]
+    elif bad == "int32":
+        mask = mask.to(torch.int32)
+    elif bad == "float":
+        mask = mask.float()
+    elif bad == "list":
+        mask = [True, False, True, False, False, False]
+    elif bad == "vshape":
+        v = v[:31]
+    elif bad == "alias":
+        residual = hidden
+    h0, r0 = hidden.clone(), residual.clone()
+    with pytest.raises(ValueError):
+        ops.masked_reflect_rows_mask_(hidden, residual, v, mask)
+    assert torch.equal(hidden, h0) and torch.equal(residual, r0)
+    if bad in ("short", "long", "2d"):  # a bool mask of the wrong shape through masked_reflect_ too
+        with pytest.raises(ValueError):
+            ops.masked_reflect_(hidden, residual, v, mask)
+        assert torch.equal(hidden, h0) and torch.equal(residual, r0)

@@ -27,7 +27,7 @@ def _readout_args():
 
 
 def test_ops_are_registered():
-    for name in ("poc_inputs_", "masked_reflect_", "poc_readout"):
+    for name in ("poc_inputs_", "masked_reflect_", "masked_reflect_rows_mask_", "poc_readout"):
         assert hasattr(torch.ops.cpoc, name)
 
 
@@ -40,6 +40,15 @@ def test_opcheck_poc_inputs(stronger):
 @pytest.mark.parametrize("residual", [True, False])
 def test_opcheck_masked_reflect(residual):
     torch.library.opcheck(torch.ops.cpoc.masked_reflect_.default, _reflect_args(residual))
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8])
+def test_opcheck_masked_reflect_rows_mask(residual, mask_dtype):
+    h, r, v, rows = _reflect_args(residual)
+    mask = torch.zeros(h.shape[0], dtype=torch.bool)
+    mask[rows] = True
+    torch.library.opcheck(torch.ops.cpoc.masked_reflect_rows_mask_.default, (h, r, v, mask.to(mask_dtype)))
 
 
 def test_opcheck_poc_readout():
@@ -82,3 +91,41 @@ def test_torch_compile_fullgraph_smoke():
     assert torch.equal(args_eager[0][keep], chat[keep]) and torch.equal(args_eager[2][keep], res0[keep])
     hs = args_eager[0].index_select(0, last_rows).float() * 2.0
     assert torch.equal(want, R.output_stage(hs, "bh", "pk", nonces))
+
+
+def test_torch_compile_fullgraph_rows_mask_no_recompile():
+    """The mask op under fullgraph=True: a static mask buffer whose content changes between calls (as between
+    CUDA-graph replays) takes effect without a retrace; results equal eager and the reference."""
+    torch._dynamo.reset()
+
+    def step(buf, residual, vecs, mask, layer_rows):
+        n = buf.shape[0]
+        for slot in range(vecs.shape[0]):
+            torch.ops.cpoc.masked_reflect_rows_mask_(buf, residual, vecs[slot], mask[slot, :n])
+        return buf.index_select(0, layer_rows).float() * 2.0
+
+    gen = torch.Generator().manual_seed(9)
+    vecs = torch.randn(2, 48, generator=gen)
+    vecs = vecs / vecs.norm(dim=-1, keepdim=True)
+    mask = torch.zeros(2, 16, dtype=torch.bool)  # static buffer sized for 16 rows, the step uses 10
+    h0 = torch.randn(10, 48, generator=gen).to(torch.bfloat16)
+    r0 = torch.randn(10, 48, generator=gen).to(torch.bfloat16)
+    compiled = torch.compile(step, fullgraph=True)
+    sel = torch.tensor([0, 3, 9])
+    for rows0, rows1 in (([1, 2], [7]), ([], [0, 3, 9]), ([4, 5, 6], [])):
+        mask.zero_()
+        mask[0, rows0] = True
+        mask[1, rows1] = True
+        eager = (h0.clone(), r0.clone())
+        comp = (h0.clone(), r0.clone())
+        want = step(eager[0], eager[1], vecs, mask, sel)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = compiled(comp[0], comp[1], vecs, mask, sel)
+        assert torch.equal(got, want) and torch.equal(comp[0], eager[0]) and torch.equal(comp[1], eager[1])
+        for slot, rows in ((0, rows0), (1, rows1)):
+            if rows:
+                assert torch.equal(eager[0][rows], R.reflect(h0[rows], vecs[slot]))
+                assert torch.equal(eager[1][rows], R.reflect(r0[rows], vecs[slot]))
+        keep = torch.ones(10, dtype=torch.bool)
+        keep[rows0 + rows1] = False
+        assert torch.equal(eager[0][keep], h0[keep]) and torch.equal(eager[1][keep], r0[keep])
