@@ -10,6 +10,7 @@ be identical (checked). Not a test: figures go to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import subprocess
@@ -23,11 +24,11 @@ from cpoc_kernels.integrations.hf.models import build_model
 
 CONFIGS = {
     "tiny": dict(model="cpoc-tiny", dtype=torch.float32, loads=(0, 0.25, 0.5, 0.75, 0.9, 1.0), duration=3.0, repeats=3,
-                 settings=EngineSettings(max_batch_tokens=128, num_blocks=256, page_size=16, max_requests_per_batch=32,
-                                         prompt_len=(16, 64), output_len=(8, 24))),
+                 settings=EngineSettings(max_batch_tokens=1024, num_blocks=256, page_size=16, max_requests_per_batch=32,
+                                         prompt_len=(16, 64), output_len=(8, 24), idle_max_tokens=512)),
     "qwen": dict(model="qwen3-0.6b-shaped", dtype=torch.bfloat16, loads=(0, 0.5, 0.9), duration=12.0, repeats=2,
-                 settings=EngineSettings(max_batch_tokens=128, num_blocks=96, page_size=16, max_requests_per_batch=16,
-                                         prompt_len=(16, 48), output_len=(8, 16), idle_max_tokens=64)),
+                 settings=EngineSettings(max_batch_tokens=512, num_blocks=96, page_size=16, max_requests_per_batch=16,
+                                         prompt_len=(16, 48), output_len=(8, 16), idle_max_tokens=128)),
 }
 
 
@@ -51,6 +52,9 @@ def main() -> None:
                     help="torch CPU threads (default 1: on a shared 2-core machine 2 OpenMP threads stall whenever "
                          "another process holds a core)")
     ap.add_argument("--repeats", type=int, default=None, help="off/on repetitions per load (preset default)")
+    ap.add_argument("--idle-max-tokens", type=int, default=None,
+                    help="PoC tokens in a step without chat (preset default; bounds the wait of a chat request "
+                         "arriving during an idle PoC step)")
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "continuous_poc")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -61,7 +65,11 @@ def main() -> None:
               f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
         model = build_model(cfg["model"], dtype=cfg["dtype"])
         rnd = Round(seq_len=args.seq_len)
-        rows = bench_mixed(model, cfg["model"], dtype_name, cfg["settings"], rnd, cfg["loads"],
+        settings = cfg["settings"]
+        if args.idle_max_tokens is not None:
+            settings = dataclasses.replace(settings, idle_max_tokens=args.idle_max_tokens)
+        print(f"engine: {settings}")
+        rows = bench_mixed(model, cfg["model"], dtype_name, settings, rnd, cfg["loads"],
                            args.duration or cfg["duration"], repeats=args.repeats or cfg["repeats"])
         write_csv(rows, args.out_dir / f"{name}.csv")
         plot(rows, args.out_dir / f"{name}.png",
