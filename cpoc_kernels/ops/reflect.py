@@ -293,7 +293,7 @@ def masked_reflect_(hidden: torch.Tensor, residual: torch.Tensor | None, v: torc
 
 def masked_reflect_rows_mask_(hidden: torch.Tensor, residual: torch.Tensor | None, v: torch.Tensor,
                               row_mask: torch.Tensor, backend: str = "auto") -> None:
-    """Reflect the rows of ``hidden`` and ``residual`` where ``row_mask`` (bool or uint8 [N], nonzero = selected) is set.
+    """Reflect the rows of ``hidden`` and ``residual`` where ``row_mask`` (bool or uint8 [N], nonzero) is set.
 
     Same arithmetic and exactness as :func:`masked_reflect_` (the same kernel body); unselected rows are never
     written by the Triton kernel. Validation reads metadata only (shapes, dtypes): no host sync, no
