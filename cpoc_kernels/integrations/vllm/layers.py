@@ -8,6 +8,11 @@
   are read out; PoC rows get all-zero logits (greedy token 0, the request then finishes).
 
 Unmarked instances (q/k norms, other models, drafters) behave exactly like the originals.
+
+Inside the model forward (compiled, possibly CUDA-graph captured) only the first two run, and both read static
+buffers only (``CpocBuffers``): ``where(mask[:n], embeds[:n], out)`` and ``cpoc_vllm::reflect_rows_`` (row-mask
+kernel, grid fixed by ``n``) — no host sync, no data-dependent shape. The logits processor runs after the
+forward, eagerly (vLLM computes logits outside the captured region); its host reads are fine there.
 Each ``make_*`` builds the subclass of the class it is given (called once that vLLM module is imported).
 """
 from __future__ import annotations

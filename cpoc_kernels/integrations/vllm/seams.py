@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -135,8 +136,29 @@ def plugin_enabled(vllm_config) -> bool:
     return extension == WORKER_EXTENSION or options is not None
 
 
+ALLOW_CUDA_GRAPHS_ENV = "CPOC_VLLM_ALLOW_CUDA_GRAPHS"
+
+
+def cuda_graphs_allowed(vllm_config) -> bool:
+    """Opt-in to CUDA graphs: ``additional_config["cpoc"]["allow_cuda_graphs"] = True`` (part of vLLM's compile-cache
+    hash) or ``CPOC_VLLM_ALLOW_CUDA_GRAPHS=1`` in the workers' environment. Read once at attach, never in traced code.
+
+    Default off. What the forward runs is graph-safe by construction — static buffers allocated at attach and
+    updated in place before each step (``begin_step`` runs before the model call or the graph replay in both
+    runners), the reflection's launch grid fixed by the (padded) token count with per-row masks, no host read
+    or data-dependent shape — and tested on CPU only (compiled forwards without retrace when the masks
+    change). Not verified on a GPU: FULL/PIECEWISE capture and replay, async scheduling's overlap of the next
+    step's buffer writes with the running graph, padded batches.
+    """
+    extra = (getattr(vllm_config, "additional_config", None) or {}).get("cpoc") or {}
+    return extra.get("allow_cuda_graphs") is True or os.environ.get(ALLOW_CUDA_GRAPHS_ENV) == "1"
+
+
 def check_engine_config(vllm_config) -> None:
-    """Refuse configurations the plugin is not verified with (clear error at model load, never wrong artifacts)."""
+    """Refuse configurations the plugin is not verified with (clear error at model load, never wrong artifacts).
+
+    CUDA graphs are refused unless opted in (:func:`cuda_graphs_allowed`).
+    """
     problems = []
     if getattr(vllm_config, "speculative_config", None) is not None:
         problems.append("speculative decoding (logits rows are not one per request)")
@@ -155,10 +177,17 @@ def check_engine_config(vllm_config) -> None:
         problems.append(f"runner {vllm_config.model_config.runner_type!r} (only 'generate')")
     if vllm_config.device_config.device.type == "cuda":
         mode = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
-        if mode is not None and getattr(mode, "name", str(mode)) != "NONE":
-            problems.append(f"CUDA graphs (cudagraph_mode={getattr(mode, 'name', mode)}): the row counts are read on "
-                            f"the host at run time; start with --enforce-eager or "
-                            f"-cc.cudagraph_mode=NONE until the graph-safe kernel lands")
+        name = getattr(mode, "name", str(mode))
+        if mode is not None and name != "NONE":
+            if cuda_graphs_allowed(vllm_config):
+                logger.warning("cpoc: CUDA graphs (cudagraph_mode=%s) allowed by opt-in: the in-model PoC path is "
+                               "graph-safe by construction (static buffers, launch grids fixed by the token count, "
+                               "no host reads) but has not been verified on a GPU", name)
+            else:
+                problems.append(f"CUDA graphs (cudagraph_mode={name}) by default: the in-model PoC path is graph-safe "
+                                f"by construction but not verified on a GPU; start with --enforce-eager or "
+                                f"-cc.cudagraph_mode=NONE, or opt in with additional_config "
+                                f"{{\"cpoc\": {{\"allow_cuda_graphs\": true}}}} (or {ALLOW_CUDA_GRAPHS_ENV}=1)")
     if problems:
         raise UnsupportedVllmError("cpoc continuous PoC does not support: " + "; ".join(problems))
 

@@ -4,14 +4,22 @@ No vLLM import here: the runner hooks pass plain arrays (request ids in batch or
 computed-token counts) and a request lookup. Each step:
 
 1. :meth:`CpocWorkerState.begin_step` builds one :class:`~cpoc_kernels.rows.PoCRows` per round present in
-   the batch, writes the PoC rows' input embeddings (``embeds``/``mask``) and per-slot row lists
-   (``rows``/``counts``) in place, and prepares the logits-stage plan;
+   the batch and writes, in place, the PoC rows' input embeddings (``embeds``/``mask``) and each round slot's
+   row mask (``row_mask[slot]``), and prepares the logits-stage plan;
 2. inside the model, the OOT embedding selects ``embeds`` on masked rows, and the OOT RMSNorm calls
-   ``torch.ops.cpoc_vllm.reflect_rows_`` (→ ``torch.ops.cpoc.masked_reflect_``) on (hidden, residual) at
-   the entry of layer *i*'s ``input_layernorm`` (vector *i−1*) and of the final norm (vector *L−1*);
+   ``torch.ops.cpoc_vllm.reflect_rows_`` (→ ``torch.ops.cpoc.masked_reflect_rows_mask_`` once per slot) on
+   (hidden, residual) at the entry of layer *i*'s ``input_layernorm`` (vector *i−1*) and of the final norm
+   (vector *L−1*);
 3. the OOT logits processor calls :meth:`take_logits_plan`: LM head on chat rows only, readout of the
-   completing PoC rows (:meth:`read_out`) into the artifact queue;
+   completing PoC rows (:meth:`read_out`) into the artifact queue (outside the compiled/graphed forward);
 4. :meth:`end_forward` clears the row buffers (dummy/profile runs then see no PoC rows).
+
+CUDA-graph safety of the in-model part (by construction; not verified on a GPU): everything the forward reads
+is a buffer allocated once at attach (``mask``/``embeds`` [T], ``row_mask`` [slots, T], ``vecs``), sized for
+``max_num_batched_tokens`` (vLLM caps every CUDA-graph capture size at it) and updated in place before each
+step; the forward slices them by its own row count ``n`` (the padded batch under a graph: rows ``>= n_real``
+are 0 in every mask because the masks are zeroed after each forward and only real PoC rows are set), launches
+kernels whose grids depend on ``n`` and the slot count only, and reads nothing on the host.
 
 Rows of a request that cannot be computed exactly (malformed payload, prefix-cache read, wrong prompt
 length, lost progress, no free round slot) are *refused*: never reflected, never read out, reported by
@@ -39,46 +47,67 @@ DEFAULT_ROUND_SLOTS = 2
 
 # --------------------------------------------------------------------------------------------- in-graph op
 @torch.library.custom_op("cpoc_vllm::reflect_rows_", mutates_args=("hidden", "residual"))
-def reflect_rows_(hidden: torch.Tensor, residual: torch.Tensor, vecs: torch.Tensor, rows: torch.Tensor,
-                  counts: torch.Tensor, layer: int) -> None:
-    """Reflect PoC rows of (hidden, residual) in place with each slot's vector of global layer ``layer``.
+def reflect_rows_(hidden: torch.Tensor, residual: torch.Tensor, vecs: torch.Tensor, row_mask: torch.Tensor,
+                  layer: int) -> None:
+    """Reflect PoC rows of (hidden, residual) [n, H] in place with each slot's vector of global layer ``layer``.
 
-    vecs fp32 [slots, L, H]; rows int64 [slots, T] (slot s uses ``rows[s, :counts[s]]``); counts int64 [slots]
-    on the CPU (no device sync). Opaque to torch.compile; the math is ``torch.ops.cpoc.masked_reflect_``
-    (spec §5.2 rounding points). Chat rows are never read or written.
+    vecs fp32 [slots, L, H]; row_mask bool [slots, T] with T >= n (slot s reflects the rows where
+    ``row_mask[s, :n]`` is set). One ``torch.ops.cpoc.masked_reflect_rows_mask_`` per slot: launch grids fixed by
+    ``n`` and the slot count, no host read of any count, no allocation — CUDA-graph safe (the masks' content
+    may change between replays). Opaque to torch.compile; the math is spec §5.2's rounding points. Chat rows
+    keep their bits (the CUDA kernel never writes them; the CPU path writes them back unchanged).
     """
-    for slot, count in enumerate(counts.tolist()):
-        if count:
-            torch.ops.cpoc.masked_reflect_(hidden, residual, vecs[slot, layer], rows[slot, :count])
+    reflect_rows_impl(hidden, residual, vecs, row_mask, layer)
+
+
+def reflect_rows_impl(hidden: torch.Tensor, residual: torch.Tensor, vecs: torch.Tensor, row_mask: torch.Tensor,
+                      layer: int) -> None:
+    """The body of ``cpoc_vllm::reflect_rows_`` (a plain function: tests trace what it dispatches)."""
+    n = hidden.shape[0]
+    if n > row_mask.shape[1]:
+        raise RuntimeError(f"cpoc: the forward has {n} rows, the PoC row buffers hold {row_mask.shape[1]}")
+    for slot in range(vecs.shape[0]):
+        torch.ops.cpoc.masked_reflect_rows_mask_(hidden, residual, vecs[slot, layer], row_mask[slot, :n])
 
 
 @reflect_rows_.register_fake
-def _(hidden, residual, vecs, rows, counts, layer):
+def _(hidden, residual, vecs, row_mask, layer):
     return None
 
 
 class CpocBuffers(torch.nn.Module):
-    """The static buffers the model reads (registered under the compiled module, updated in place)."""
+    """The static buffers the model reads (registered under the compiled module, updated in place).
+
+    Allocated once (before the first trace/capture), never rebound: ``mask`` bool [T] (PoC rows of any slot:
+    embedding injection), ``embeds`` [T, H], ``row_mask`` bool [slots, T] (rows reflected with slot s's
+    vectors), ``vecs`` fp32 [slots, L, H]. ``counts`` (int64 [slots], on the host) is bookkeeping of the row
+    contract only: nothing inside the model forward reads it.
+    """
 
     def __init__(self, max_tokens: int, hidden: int, num_layers: int, dtype: torch.dtype, device,
                  slots: int = DEFAULT_ROUND_SLOTS):
+        import cpoc_kernels.ops  # noqa: F401  (registers torch.ops.cpoc.*: the forward calls them from the first run)
+
         super().__init__()
         self.register_buffer("mask", torch.zeros(max_tokens, dtype=torch.bool, device=device), persistent=False)
         self.register_buffer("embeds", torch.zeros(max_tokens, hidden, dtype=dtype, device=device), persistent=False)
         self.register_buffer("vecs", torch.zeros(slots, num_layers, hidden, dtype=torch.float32, device=device),
                              persistent=False)
-        self.register_buffer("rows", torch.zeros(slots, max_tokens, dtype=torch.int64, device=device),
+        self.register_buffer("row_mask", torch.zeros(slots, max_tokens, dtype=torch.bool, device=device),
                              persistent=False)
-        # Host-side row counts: read by the op's implementation without a device sync.
-        self.register_buffer("counts", torch.zeros(slots, dtype=torch.int64), persistent=False)
+        self.counts = torch.zeros(slots, dtype=torch.int64)  # host bookkeeping, not a buffer of the model
 
     def inject(self, out: torch.Tensor) -> torch.Tensor:
-        """Embedding output with PoC rows replaced by their input embeddings (exact select)."""
+        """Embedding output with PoC rows replaced by their input embeddings (exact select, static buffers)."""
         n = out.shape[0]
         return torch.where(self.mask[:n, None], self.embeds[:n], out)
 
     def reflect_(self, hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
-        torch.ops.cpoc_vllm.reflect_rows_(hidden, residual, self.vecs, self.rows, self.counts, layer)
+        torch.ops.cpoc_vllm.reflect_rows_(hidden, residual, self.vecs, self.row_mask, layer)
+
+    def slot_rows(self, slot: int) -> list[int]:
+        """The rows slot ``slot`` reflects this step (host read: for tests and diagnostics, never in the forward)."""
+        return self.row_mask[slot].nonzero().flatten().tolist()
 
 
 # --------------------------------------------------------------------------------------------- plans
@@ -215,6 +244,7 @@ class CpocWorkerState:
         if self._dirty:
             self.buffers.counts.zero_()
             self.buffers.mask.zero_()
+            self.buffers.row_mask.zero_()
             self._dirty = False
 
     def begin_step(self, request_ids: Sequence[str], query_start_loc: Sequence[int],
@@ -303,12 +333,11 @@ class CpocWorkerState:
                                               stronger_rng=round_.stronger_rng)[0]
         row_index = rows.row_index()
         b = self.buffers
-        count = int(b.counts[slot])
         dev_index = row_index.to(self.device)
         b.embeds.index_copy_(0, dev_index, rows.gather_inputs(lambda n: _inputs_of(tracker, rows, n)))
         b.mask.index_fill_(0, dev_index, True)
-        b.rows[slot, count : count + row_index.numel()].copy_(dev_index)
-        b.counts[slot] = count + row_index.numel()
+        b.row_mask[slot].index_fill_(0, dev_index, True)
+        b.counts[slot] += row_index.numel()
         self._dirty = True
 
     def end_forward(self) -> None:

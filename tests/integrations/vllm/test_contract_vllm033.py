@@ -211,6 +211,26 @@ def test_config_fields_checked_at_attach():
     assert "runner_type" in source(ModelConfig)
 
 
+# ------------------------------------------------------------------------------------------ CUDA graphs (opt-in)
+def test_cuda_graph_facts_the_static_buffers_rely_on():
+    """The PoC buffers are sized max_num_batched_tokens and sliced by the forward's (padded) row count: every
+    capture size is capped at it; the row contract runs before the model call / graph replay; the logits
+    stage (host reads) runs outside the captured model; the mode names the refusal compares against."""
+    from vllm.compilation.cuda_graph import CUDAGraphWrapper
+    from vllm.config import VllmConfig
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert CUDAGraphMode.NONE.name == "NONE" and {"PIECEWISE", "FULL"} <= set(CUDAGraphMode.__members__)
+    sizes = source(VllmConfig._set_cudagraph_sizes)
+    assert "max_num_tokens = self.scheduler_config.max_num_batched_tokens" in sizes
+    assert "max_cudagraph_capture_size = min(max_num_tokens, max_cudagraph_capture_size)" in sizes
+    assert "i for i in dedup_sizes if i <= max_num_tokens" in sizes  # explicit capture sizes are filtered too
+    assert "self.max_num_tokens = scheduler_config.max_num_batched_tokens" in source(GPUModelRunner.__init__)
+    assert "return self.model(" in source(GPUModelRunner._model_forward)  # the wrapped hook encloses the replay
+    assert "return getattr(self.runnable, key)" in source(CUDAGraphWrapper.__getattr__)  # compute_logits: eager
+
+
 # ------------------------------------------------------------------------------------------ installation
 INSTALL_CHECK = r"""
 import os, sys

@@ -166,6 +166,25 @@ def test_chunked_prefill_matches_one_shot(eager, reference):
     _check_artifacts(state, reference, [55])
 
 
+def _padded_step_matches(cfg, model, state, reference, tol):
+    """A forward padded beyond the batch (as a CUDA-graph replay pads to a captured size): the static buffers are
+    sliced by the padded row count, padding rows are chat (mask 0), PoC rows and artifacts unchanged."""
+    h.AttentionContext.reset()
+    state.drain()
+    out = h.run_step(model, cfg, state, mixed_batch(tag="-pad" + str(tol)), pad_rows=7)
+    n_real = out.query_start_loc[-1]
+    assert out.hidden.shape[0] == n_real + 7 and out.plan_used
+    ref = reference.hidden_states([101, -7])
+    assert_close_fp32(_rows(out, 1)[-1], ref[0], tol)
+    assert_close_fp32(_rows(out, 3)[-1], ref[1], tol)
+    _check_artifacts(state, reference, [101, -7])
+    assert not state.buffers.row_mask.any() and not state.buffers.mask.any()
+
+
+def test_padded_forward_eager(eager, reference):
+    _padded_step_matches(*eager, reference, TOL)
+
+
 def test_bad_poc_requests_are_refused_never_wrong(eager):
     cfg, model, state = eager
     h.AttentionContext.reset()
@@ -208,6 +227,10 @@ def test_compiled_poc_rows_match_and_chat_rows_equal(compiled, reference):
     off = h.run_step(model, cfg, state, mixed_batch(tag="-c2"), poc_on=False)
     assert torch.equal(_rows(on, 0), _rows(off, 0)) and torch.equal(_rows(on, 2), _rows(off, 2))
     assert not torch.equal(_rows(on, 1), _rows(off, 1))
+
+
+def test_padded_forward_compiled(compiled, reference):
+    _padded_step_matches(*compiled, reference, TOL_COMPILED)
 
 
 def test_compiled_buffers_update_in_place_without_retrace(compiled, reference):
@@ -279,4 +302,4 @@ def test_mrv2_model_state_glue(eager, reference, monkeypatch):
     ms.remove_request("m-chat")
     assert ms._cpoc_views == {} and "m-poc" not in state.known_request_ids()
     ms.prepare_dummy_inputs(2, 16)
-    assert not state.buffers.mask.any() and state.buffers.counts.sum() == 0
+    assert not state.buffers.mask.any() and state.buffers.counts.sum() == 0 and not state.buffers.row_mask.any()

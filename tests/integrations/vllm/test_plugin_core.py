@@ -77,11 +77,11 @@ def test_row_contract_from_runner_batch():
     state.begin_step(["chat", "p"], [0, 1, 6], [3, 0], views.get)
     b = state.buffers
     assert b.mask[:6].tolist() == [False, True, True, True, True, True]
-    assert b.counts.tolist() == [5] and b.rows[0, :5].tolist() == [1, 2, 3, 4, 5]
+    assert b.counts.tolist() == [5] and b.slot_rows(0) == [1, 2, 3, 4, 5]
     plan = state.take_logits_plan(2)
     assert plan.poc_rows == (1,) and plan.completions == () and plan.chat_rows() == [0]
     state.end_forward()
-    assert not b.mask.any() and b.counts.tolist() == [0]
+    assert not b.mask.any() and b.counts.tolist() == [0] and not b.row_mask.any()
     # rest of the nonce: positions 5..7 complete it, in flat rows 0..2
     state.begin_step(["p", "chat"], [0, 3, 4], [5, 4], views.get)
     plan = state.take_logits_plan(2)
@@ -166,4 +166,146 @@ def test_preempted_nonce_restarts_from_position_zero():
     state.begin_step(["p"], [0, 8], [0], views.get)  # preempted, rescheduled whole
     plan = state.take_logits_plan(1)
     assert [(c.logits_row, c.nonce) for c in plan.completions] == [(0, 5)]
-    assert state.buffers.rows[0, :8].tolist() == list(range(8)) and state.drain() == []
+    assert state.buffers.slot_rows(0) == list(range(8)) and state.drain() == []
+
+
+# ------------------------------------------------------------------------------------------ graph-safe in-model path
+OTHER = PoCRound("other-block", "pubkey", seq_len=8)
+
+
+def _two_round_step(state):
+    """chat row 0, round ROUND rows 1..4 (positions 0..3), chat row 5, round OTHER rows 6..8 (positions 0..2)."""
+    views = {"chat": RequestView(None, None, 5, 3), "p": _view(ROUND, 7), "q": _view(OTHER, 8),
+             "chat2": RequestView(None, None, 5, 3)}
+    state.begin_step(["chat", "p", "chat2", "q"], [0, 1, 5, 6, 9], [2, 0, 2, 0], views.get)
+
+
+def _hidden_pair(n, h, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, h, generator=gen), torch.randn(n, h, generator=gen) * 4
+
+
+def test_reflect_rows_uses_each_slots_static_row_mask():
+    from cpoc_kernels import reference as R
+
+    state = _state(slots=2)
+    _two_round_step(state)
+    b = state.buffers
+    assert b.slot_rows(0) == [1, 2, 3, 4] and b.slot_rows(1) == [6, 7, 8] and b.counts.tolist() == [4, 3]
+    assert b.mask.nonzero().flatten().tolist() == [1, 2, 3, 4, 6, 7, 8]
+    hidden, residual = _hidden_pair(12, 16, 0)  # 12 < 32 buffer rows: the forward slices the buffers by n
+    h0, r0 = hidden.clone(), residual.clone()
+    b.reflect_(hidden, residual, 1)
+    for rows, slot in (([1, 2, 3, 4], 0), ([6, 7, 8], 1)):
+        assert torch.equal(hidden[rows], R.reflect(h0[rows], b.vecs[slot, 1]))
+        assert torch.equal(residual[rows], R.reflect(r0[rows], b.vecs[slot, 1]))
+    chat = [0, 5, 9, 10, 11]
+    assert torch.equal(hidden[chat], h0[chat]) and torch.equal(residual[chat], r0[chat])
+    state.end_forward()
+    assert not b.row_mask.any() and not b.mask.any()
+    h1 = hidden.clone()
+    b.reflect_(hidden, residual, 1)  # no PoC rows after the step: identity
+    assert torch.equal(hidden, h1)
+    with pytest.raises(RuntimeError, match="buffers hold 32"):
+        b.reflect_(torch.zeros(33, 16), torch.zeros(33, 16), 0)
+
+
+def test_in_model_poc_ops_read_nothing_on_the_host():
+    """What the model forward runs (embedding select, reflection body) dispatches no host read/sync and no
+    data-dependent op: CUDA-graph safe by construction."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cpoc_kernels.integrations.vllm.state import reflect_rows_impl
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    state = _state(slots=2)
+    _two_round_step(state)
+    b = state.buffers
+    hidden, residual = _hidden_pair(10, 16, 1)
+    emb = torch.zeros(10, 16)
+    with Record():
+        out = b.inject(emb)
+        reflect_rows_impl(hidden, residual, b.vecs, b.row_mask, 0)
+    host_reads = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.item", "aten.index"}
+    assert not host_reads & set(seen), seen
+    assert seen.count("cpoc.masked_reflect_rows_mask_") == 2 and "aten.where" in seen
+    assert torch.equal(out[[1, 2, 3, 4, 6, 7, 8]], b.embeds[[1, 2, 3, 4, 6, 7, 8]])
+
+
+def test_compiled_in_model_path_follows_the_buffers_without_retrace():
+    """fullgraph compile of embedding select + two reflections; new steps (other rows, other slots) only change
+    buffer contents: no recompile, results equal eager."""
+    state = _state(slots=2)
+    b = state.buffers
+
+    def forward(emb, residual):
+        hidden = b.inject(emb)
+        b.reflect_(hidden, residual, 0)
+        b.reflect_(hidden, residual, 1)
+        return hidden * 1.0, residual * 1.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(forward, fullgraph=True)
+    steps = [lambda: _two_round_step(state),
+             lambda: state.begin_step(["p2"], [0, 5], [0], {"p2": _view(ROUND, 9)}.get),
+             lambda: state.begin_step(["c"], [0, 12], [0], {"c": RequestView(None, None, 5, 3)}.get)]
+    for i, begin in enumerate(steps):
+        begin()
+        emb, residual = _hidden_pair(12, 16, 10 + i)
+        want = forward(emb.clone(), residual.clone())
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = compiled(emb.clone(), residual.clone())
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        if i == 2:  # a chat-only step: everything passes through
+            assert torch.equal(got[0], emb) and torch.equal(got[1], residual)
+        state.end_forward()
+
+
+def _engine_config(mode="FULL", device="cuda", additional=None):
+    from types import SimpleNamespace as NS
+
+    return NS(speculative_config=None, lora_config=None,
+              parallel_config=NS(use_ubatching=False, prefill_context_parallel_size=1,
+                                 enable_batch_sharded_sampling=False),
+              cache_config=NS(kv_sharing_fast_prefill=False), model_config=NS(runner_type="generate"),
+              device_config=NS(device=torch.device(device)), compilation_config=NS(cudagraph_mode=NS(name=mode)),
+              additional_config=additional or {})
+
+
+def test_cuda_graphs_refused_by_default_allowed_by_opt_in(monkeypatch):
+    from cpoc_kernels.integrations.vllm import seams
+
+    monkeypatch.delenv(seams.ALLOW_CUDA_GRAPHS_ENV, raising=False)
+    for mode in ("FULL", "PIECEWISE", "FULL_AND_PIECEWISE"):
+        with pytest.raises(version.UnsupportedVllmError, match="allow_cuda_graphs"):
+            seams.check_engine_config(_engine_config(mode))
+    seams.check_engine_config(_engine_config("NONE"))
+    seams.check_engine_config(_engine_config("FULL", device="cpu"))
+    seams.check_engine_config(_engine_config("FULL", additional={"cpoc": {"allow_cuda_graphs": True}}))
+    with pytest.raises(version.UnsupportedVllmError, match="CUDA graphs"):  # only a real True opts in
+        seams.check_engine_config(_engine_config("FULL", additional={"cpoc": {"allow_cuda_graphs": "no"}}))
+    monkeypatch.setenv(seams.ALLOW_CUDA_GRAPHS_ENV, "1")
+    seams.check_engine_config(_engine_config("FULL"))
+
+
+def test_buffers_register_the_kernel_ops_before_the_first_forward(tmp_path):
+    """A fresh worker process runs warm-up forwards (no PoC rows) before any row was written: the reflection op
+    must be registered by attach, not by the first row write."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from cpoc_kernels.integrations.vllm.state import CpocBuffers\n"
+            "b = CpocBuffers(8, 4, 2, torch.float32, 'cpu')\n"
+            "h, r = torch.ones(3, 4), torch.ones(3, 4)\n"
+            "b.reflect_(h, r, 0)\n"
+            "assert torch.equal(h, torch.ones(3, 4)) and torch.equal(b.inject(torch.zeros(3, 4)), torch.zeros(3, 4))\n"
+            "print('FORWARD-OK')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "FORWARD-OK" in out.stdout, out.stderr[-3000:]

@@ -7,6 +7,7 @@ SDPA per request segment with a per-request KV store, like a paged-KV engine wou
 """
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -153,8 +154,15 @@ class StepOutput:
     plan_used: bool
 
 
-def run_step(model, vllm_config, state, reqs: list[Req], poc_on: bool = True) -> StepOutput:
-    """One engine-like step: flat batch, row contract (if ``state``), forward, logits of each request's last row."""
+_PADDING = itertools.count()
+
+
+def run_step(model, vllm_config, state, reqs: list[Req], poc_on: bool = True, pad_rows: int = 0) -> StepOutput:
+    """One engine-like step: flat batch, row contract (if ``state``), forward, logits of each request's last row.
+
+    ``pad_rows``: the forward gets that many extra token-0 rows after the batch (as a CUDA-graph replay pads the
+    batch to a captured size); the row contract and the logits only see the real requests.
+    """
     from vllm.forward_context import set_forward_context
 
     from cpoc_kernels.integrations.vllm.state import RequestView
@@ -177,6 +185,10 @@ def run_step(model, vllm_config, state, reqs: list[Req], poc_on: bool = True) ->
             views[r.request_id] = RequestView(None, False, 8, len(r.tokens) if r.tokens else r.n_rows)
     if state is not None:
         state.begin_step([r.request_id for r in reqs], qsl, [r.position for r in reqs], views.get)
+    if pad_rows:
+        AttentionContext.segments.append(Segment(f"cpoc-padding-{next(_PADDING)}", qsl[-1], pad_rows, 0))
+        ids += [0] * pad_rows
+        pos += list(range(pad_rows))
     try:
         with torch.inference_mode(), set_forward_context(None, vllm_config):
             hidden = model(input_ids=torch.tensor(ids), positions=torch.tensor(pos))
