@@ -514,13 +514,30 @@ class ContinuousPoC:
                 job = ()
             if job is None:
                 return
+            stop, merged = False, 1
             try:
                 if job and job[0] == "readout":
+                    # merge the readouts already queued into one output-stage call (rows are independent; the
+                    # op's per-call cost dominates for a few rows); other jobs found on the way are re-queued
+                    jobs, later = [job], []
+                    while True:
+                        try:
+                            nxt = self._jobs.get_nowait()
+                        except queue.Empty:
+                            break
+                        if nxt is None:
+                            stop = True
+                            break
+                        (jobs if nxt and nxt[0] == "readout" else later).append(nxt)
+                    merged = len(jobs)
+                    for j in later:
+                        self._jobs.put(j)
                     try:
                         if self._failed is None:
-                            self._readout(job[1], job[2])
+                            hs = jobs[0][1] if merged == 1 else torch.cat([j[1] for j in jobs])
+                            self._readout(hs, [n for j in jobs for n in j[2]])
                     finally:
-                        self._readouts_done += 1
+                        self._readouts_done += merged
                 elif job and job[0] == "observe":
                     governor = self.governor
                     if governor is not None:
@@ -529,6 +546,8 @@ class ContinuousPoC:
                 self._refill()
             except Exception as exc:  # noqa: BLE001 - never let PoC break chat
                 self._fail(exc, "worker")
+            if stop:
+                return
 
     def _refill(self) -> None:
         rnd = self._round
