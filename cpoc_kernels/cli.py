@@ -29,9 +29,15 @@ class ProgressBar:
         self.total, self.label, self.width = total, label, width
         self.stream = stream or sys.stderr
         self.start = time.perf_counter()
+        self.min_interval = 0.1
+        self._last_draw = float("-inf")
 
     def __call__(self, done: int, total: int | None = None) -> None:
         total = total or self.total
+        now = time.perf_counter()
+        if done < total and now - self._last_draw < self.min_interval:
+            return  # redraw at most every min_interval seconds, and always at the end
+        self._last_draw = now
         filled = int(self.width * done / max(total, 1))
         rate = done / max(time.perf_counter() - self.start, 1e-9)
         self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {self.label}  {rate:.1f}/s")

@@ -62,3 +62,18 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, fragment, capsys, tmp_path
 def test_parse_nonces():
     assert parse_nonces("3:6") == [3, 4, 5]
     assert parse_nonces("1,-2,9") == [1, -2, 9]
+
+
+def test_progress_bar_redraws_sparingly_and_always_finishes():
+    import io
+
+    from cpoc_kernels.cli import ProgressBar
+
+    stream = io.StringIO()
+    bar = ProgressBar(1000, stream=stream)
+    for done in range(1, 1001):
+        bar(done)
+    text = stream.getvalue()
+    assert text.count("\r") < 50  # a burst of updates does not flood the terminal
+    assert text.endswith("1000/1000 nonces  " + text.rsplit("  ", 1)[1])
+    assert text.rstrip("\n").rsplit("\r", 1)[1].startswith("[" + "#" * 30 + "]")
