@@ -75,5 +75,5 @@ def test_progress_bar_redraws_sparingly_and_always_finishes():
         bar(done)
     text = stream.getvalue()
     assert text.count("\r") < 50  # a burst of updates does not flood the terminal
-    assert text.endswith("1000/1000 nonces  " + text.rsplit("  ", 1)[1])
-    assert text.rstrip("\n").rsplit("\r", 1)[1].startswith("[" + "#" * 30 + "]")
+    last = text.rstrip("\n").rsplit("\r", 1)[1]
+    assert last.startswith("[" + "#" * 30 + "] 1000/1000 nonces") and text.endswith("\n")
