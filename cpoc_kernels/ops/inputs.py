@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from cpoc_kernels._native import native
-from cpoc_kernels.reference.inputs import SUPPORTED_INPUT_DTYPES, nonce_normals
+from cpoc_kernels.reference.inputs import SUPPORTED_INPUT_DTYPES
 from cpoc_kernels.reference.inputs import poc_inputs as poc_inputs_reference  # noqa: F401  (the reference beside it)
 from cpoc_kernels.reference.rng import normal as normal_reference
 from cpoc_kernels.reference.rng import stronger_normal as stronger_normal_reference
@@ -56,13 +56,6 @@ def _fill_seeds(lib, flat: np.ndarray, seeds: Sequence[int]) -> None:
             lib.normal_into(flat[k * seg : k * seg + min(seg, n - k * seg)], int(sub_seed))
 
 
-def _fill_nonce(lib, flat: np.ndarray, block_hash: str, public_key: str, nonce: int, stronger_rng: bool) -> None:
-    if stronger_rng:
-        _fill_seeds(lib, flat, stronger_sub_seeds(block_hash, public_key, nonce))
-    else:
-        _fill_seeds(lib, flat, [seed32(input_seed_string(block_hash, public_key, nonce))])
-
-
 def normals_from_seeds_cpu(seeds: torch.Tensor, n: int) -> torch.Tensor:
     """fp32 normals ``[B, n]`` of a seed table ``[B, 1|8]`` on the CPU (C++ RNG; torch reference if not built).
 
@@ -87,15 +80,7 @@ def nonce_normals_cpu(
 
     Integer parts bit-exact; fp32 values within a few ulp of the torch reference (C library log/cos/sin).
     """
-    lib = native()
-    if lib is None:
-        rows = [nonce_normals(block_hash, public_key, int(x), n, stronger_rng) for x in nonces]
-        return torch.stack(rows) if rows else torch.empty(0, n)
-    buf = np.empty((len(nonces), n), dtype=np.float32)
-    with ThreadPoolExecutor(max_workers=max(1, min(len(nonces), torch.get_num_threads()))) as pool:
-        list(pool.map(lambda b: _fill_nonce(lib, buf[b], block_hash, public_key, int(nonces[b]), stronger_rng),
-                      range(len(nonces))))
-    return torch.from_numpy(buf)
+    return normals_from_seeds_cpu(input_seeds(block_hash, public_key, nonces, stronger_rng), n)
 
 
 # --------------------------------------------------------------------------------------------- Triton
