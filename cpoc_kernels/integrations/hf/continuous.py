@@ -47,44 +47,26 @@ from typing import Any
 
 import torch
 
+from cpoc_kernels import ops
 from cpoc_kernels.artifacts import Artifact, check_nonce
 from cpoc_kernels.governor import Governor, GovernorConfig, StepLoad, StepTimeModel
 from cpoc_kernels.reference.readout import K_DIM
 from cpoc_kernels.rows import NonceTracker, PoCRows
 
-from .runner import decoder_layers
+from .runner import decoder_layers, readout_vectors
 
 SUPPORTED_TRANSFORMERS = "5.20–5.24"
 logger = logging.getLogger("cpoc_kernels.continuous")
 
 # ============================================================================================ PoC math
-# The only place that picks between cpoc_kernels.ops and the reference (switching backends is here).
-
-
-def _ops():
-    """``cpoc_kernels.ops`` if it imports (fused Triton/C++ ops), else None (then the reference is used)."""
-    try:
-        from cpoc_kernels import ops
-    except Exception:  # noqa: BLE001 - ops package unavailable: fall back to the reference
-        return None
-    return ops if all(hasattr(ops, n) for n in ("poc_inputs", "masked_reflect_", "poc_readout")) else None
+# The fused ops, exactly as the pure-PoC runner uses them (artifacts must equal PoCRunner's).
 
 
 def poc_input_embeddings(block_hash: str, public_key: str, nonces: list[int], seq_len: int, hidden: int,
                          dtype: torch.dtype, device: torch.device, stronger_rng: bool) -> torch.Tensor:
-    """[B, seq_len, hidden] input embeddings in the model dtype (CPU: the same C++ path as :class:`PoCRunner`)."""
-    if device.type == "cpu":
-        from cpoc_kernels.ops.inputs import nonce_normals_cpu
-
-        flat = nonce_normals_cpu(block_hash, public_key, nonces, seq_len * hidden, stronger_rng)
-        return flat.view(len(nonces), seq_len, hidden).to(dtype)
-    ops = _ops()
-    if ops is not None:
-        return ops.poc_inputs(block_hash, public_key, nonces, seq_len, hidden, dtype, device=device,
-                              stronger_rng=stronger_rng)
-    from cpoc_kernels.reference.inputs import poc_inputs
-
-    return poc_inputs(block_hash, public_key, nonces, seq_len, hidden, dtype, stronger_rng, device=device)
+    """[B, seq_len, hidden] input embeddings in the model dtype (the same op as :class:`PoCRunner`)."""
+    return ops.poc_inputs(block_hash, public_key, nonces, seq_len, hidden, dtype, device=device,
+                          stronger_rng=stronger_rng)
 
 
 def reflect_rows_(hidden2d: torch.Tensor, rows: torch.Tensor | slice, v: torch.Tensor) -> None:
@@ -101,32 +83,12 @@ def reflect_rows_(hidden2d: torch.Tensor, rows: torch.Tensor | slice, v: torch.T
         x.sub_((2 * dot) * vb)
         return
     if hidden2d.device.type != "cpu":
-        ops = _ops()
-        if ops is not None:
-            ops.masked_reflect_(hidden2d, None, v.float(), rows)
-            return
+        ops.masked_reflect_(hidden2d, None, v.float(), rows)
+        return
     vb = v if v.dtype == hidden2d.dtype and v.device == hidden2d.device else v.to(hidden2d.device, hidden2d.dtype)
     x = hidden2d.index_select(0, rows)
     dot = torch.sum(x * vb, dim=-1, keepdim=True)
     hidden2d.index_copy_(0, rows, x - (2 * dot) * vb)
-
-
-def readout_vectors(hs: torch.Tensor, block_hash: str, public_key: str, nonces: list[int],
-                    k: int) -> tuple[list[int], torch.Tensor]:
-    """(kept nonces, fp16 vectors) from fp32 last-token hidden states; NaN rows dropped as in ``PoCRunner``."""
-    finite = ~torch.isnan(hs).any(dim=-1)
-    nonces = [n for n, ok in zip(nonces, finite.tolist()) if ok]
-    hs = hs[finite]
-    ops = _ops()
-    if ops is not None:
-        res = ops.poc_readout(hs, block_hash, public_key, nonces, k=k)
-        ok = res.emittable.to(torch.bool)
-        return [n for n, keep in zip(nonces, ok.tolist()) if keep], res.vectors.cpu()[ok]
-    from cpoc_kernels.reference.readout import is_emittable, output_stage
-
-    vecs = output_stage(hs, block_hash, public_key, nonces, k=k)
-    ok = is_emittable(vecs)
-    return [n for n, keep in zip(nonces, ok.tolist()) if keep], vecs[ok]
 
 
 # ============================================================================================ CB internals

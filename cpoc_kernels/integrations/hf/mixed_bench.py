@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cpoc_kernels.artifacts import Artifact, ArtifactFile
 

@@ -54,6 +54,15 @@ def reflection_hooks(layers: Sequence[torch.nn.Module], vectors: Sequence[torch.
             handle.remove()
 
 
+def readout_vectors(hs: torch.Tensor, block_hash: str, public_key: str, nonces: Sequence[int],
+                    k: int = K_DIM) -> tuple[list[int], torch.Tensor]:
+    """(kept nonces, fp16 vectors [B', k] on the CPU) from last-token hidden states [B, H]; rows that are not
+    emittable (NaN/Inf in hs or after the fp16 cast, spec §5.4) are dropped."""
+    result = ops.poc_readout(hs, block_hash, public_key, list(nonces), k=k)
+    keep = result.emittable.to(device="cpu", dtype=torch.bool)
+    return [n for n, ok in zip(nonces, keep.tolist()) if ok], result.vectors.cpu()[keep]
+
+
 class PoCRunner:
     """Computes PoC v2 artifacts for nonces on one model (fixed round: block hash, public key, seq_len, k)."""
 
@@ -94,9 +103,7 @@ class PoCRunner:
     def vectors(self, nonces: Sequence[int]) -> tuple[list[int], torch.Tensor]:
         """(kept nonces, fp16 vectors [B', k]) of one batch; NaN rows dropped before and after fp16."""
         hs = self.hidden_states(nonces)
-        result = ops.poc_readout(hs, self.block_hash, self.public_key, list(nonces), k=self.k)
-        kept = [n for n, ok in zip(nonces, result.emittable.tolist()) if ok]
-        return kept, result.vectors[result.emittable]
+        return readout_vectors(hs, self.block_hash, self.public_key, list(nonces), self.k)
 
     def run(self, nonces: Iterable[int], progress: ProgressCallback | None = None) -> list[Artifact]:
         """Artifacts for ``nonces`` in batches of ``batch_size`` (order kept, NaN nonces omitted)."""

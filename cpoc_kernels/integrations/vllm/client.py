@@ -141,7 +141,7 @@ class CpocLLM:
         if poc_priority is not None:
             kwargs["priority"] = [0] * len(chat_prompts) + [poc_priority] * len(specs)
         outputs = self.llm.generate(prompts, params, use_tqdm=use_tqdm, **kwargs) if prompts else []
-        chat_out, poc_out = outputs[: len(chat_prompts)], outputs[len(chat_prompts):]
+        chat_out = outputs[: len(chat_prompts)]  # PoC outputs carry nothing: artifacts come from the workers
         result = PoCResult()
         if nonces:
             wanted = {_key(round, n) for n in nonces}
