@@ -33,7 +33,8 @@ def _reflect_output(output, v: torch.Tensor):
     if isinstance(output, torch.Tensor):
         hidden = output.contiguous().clone()
         flat = hidden.view(-1, hidden.shape[-1])
-        ops.masked_reflect_(flat, None, v, torch.arange(flat.shape[0], device=flat.device))
+        every_row = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)  # mask path: no host sync
+        ops.masked_reflect_(flat, None, v, every_row)
         return hidden
     if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
         return (_reflect_output(output[0], v),) + tuple(output[1:])
