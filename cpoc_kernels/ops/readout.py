@@ -6,7 +6,7 @@ fp16 RNE -> ``[B, k]`` and the 24-byte little-endian payloads. Rows with NaN/Inf
 
 Host side (bit-exact integers): pick indices (``reference.pick_indices``), Haar seeds (SHA-256). The Haar
 normals n_j come from the Triton normals kernel on the Triton path (libdevice on GPU) and from the torch
-reference ``normal`` on the torch path. Exactness: integer parts exact; the fp32 pipeline follows the
+reference ``normal`` (batched over seeds: ``normal_rows``) on the torch path. Exactness: integer parts exact; the fp32 pipeline follows the
 reference's rounding points (IEEE div/sqrt, no FMA) except the order of its three kinds of fp32 sums
 (row norm, 12-element dots/norms), so fp16 vectors are bit-equal to ``reference.output_stage`` unless a
 value lies within a few fp32 ulps of an fp16 rounding boundary (the golden cases keep >= 16 ulps margin).
@@ -22,10 +22,10 @@ import triton
 import triton.language as tl
 
 from cpoc_kernels.reference.codec import vector_bytes
-from cpoc_kernels.reference.readout import K_DIM, pick_indices, rotate_picked
+from cpoc_kernels.reference.readout import K_DIM
 from cpoc_kernels.reference.readout import output_stage as output_stage_reference  # noqa: F401 (reference beside it)
-from cpoc_kernels.reference.rng import normal as normal_reference
-from cpoc_kernels.reference.seeds import haar_seed
+from cpoc_kernels.reference.rng import mmh, normal_rows
+from cpoc_kernels.reference.seeds import haar_seed, pick_seed
 
 from ._common import FLOAT_DTYPES, _load_f32, check_backend, dtype_kind, kernel_view, launch_opts
 from .inputs import normals_into_triton
@@ -47,9 +47,17 @@ class ReadoutResult(NamedTuple):
 
 # --------------------------------------------------------------------------------------------- host parts
 def pick_table(block_hash: str, public_key: str, nonces: Sequence[int], hidden: int, k: int = K_DIM) -> torch.Tensor:
-    """int64 [B, k]: the pick indices of each nonce in the spec's CUDA order (bit-exact)."""
-    rows = [pick_indices(block_hash, public_key, int(n), hidden, k) for n in nonces]
-    return torch.tensor(rows, dtype=torch.int64).view(len(rows), k)
+    """int64 [B, k]: the pick indices of each nonce in the spec's CUDA order (bit-exact; row b equals
+    ``reference.pick_indices`` of nonce b, computed for all nonces at once)."""
+    if not 0 < k <= hidden:
+        raise ValueError(f"need 0 < k <= hidden, got k={k}, hidden={hidden}")
+    if not len(nonces):
+        return torch.empty(0, k, dtype=torch.int64)
+    seeds = torch.tensor([pick_seed(block_hash, public_key, int(n), k) for n in nonces], dtype=torch.int64)
+    scores = mmh(torch.arange(hidden, dtype=torch.int64).view(1, -1), seeds.view(-1, 1))
+    by_score = torch.argsort(scores, dim=-1, stable=True)[:, :k]
+    first, _ = torch.sort(by_score[:, : k - 1], dim=-1)
+    return torch.cat([first, by_score[:, k - 1 :]], dim=1)
 
 
 def haar_seed_table(block_hash: str, public_key: str, nonces: Sequence[int], k: int = K_DIM) -> torch.Tensor:
@@ -59,10 +67,9 @@ def haar_seed_table(block_hash: str, public_key: str, nonces: Sequence[int], k: 
 
 
 def haar_normals_torch(seeds: torch.Tensor, k: int, device) -> torch.Tensor:
-    """Raw Haar normals [B*(k-1), k] fp32 through the torch reference ``normal`` on ``device`` (one call per
-    seed, exactly as ``reference.haar_vectors`` computes them)."""
-    rows = [normal_reference(s, k, device=device) for s in seeds.flatten().tolist()]
-    return torch.stack(rows) if rows else torch.empty(0, k, device=device)
+    """Raw Haar normals [B*(k-1), k] fp32 through the torch reference on ``device`` (``normal_rows``: bit-equal
+    to the per-seed ``normal`` calls of ``reference.haar_vectors``)."""
+    return normal_rows(seeds.flatten(), k, device=device)
 
 
 def haar_normals_triton(seeds: torch.Tensor, k: int, device) -> torch.Tensor:
@@ -123,16 +130,19 @@ def readout_triton(hs: torch.Tensor, idx: torch.Tensor, haar: torch.Tensor) -> t
 
 # --------------------------------------------------------------------------------------------- torch path
 def readout_torch(hs: torch.Tensor, idx: torch.Tensor, haar: torch.Tensor) -> torch.Tensor:
-    """The reference output stage (``reference.output_stage`` expressions) with given picks and raw normals."""
+    """The reference output stage (``reference.output_stage`` expressions) with given picks and raw normals,
+    all rows at once: every row sees the reference's ops in its order (u_j = n_j/(||n_j||+1e-30); k-1 steps
+    ``y - (2·(y·u_j))·u_j``; ``y/(||y||+1e-8)``), batched over rows; bit-equal to the per-row reference
+    (``rotate_picked``), which the tests check."""
     hs = hs.to(torch.float32)
     x = hs / (torch.linalg.vector_norm(hs, dim=-1, keepdim=True) + 1e-8)
-    k = idx.shape[1]
-    out = torch.empty(hs.shape[0], k, dtype=torch.float16, device=hs.device)
-    for b in range(hs.shape[0]):
-        rows = [haar[b, j] / (torch.linalg.vector_norm(haar[b, j]) + 1e-30) for j in range(k - 1)]
-        u = torch.stack(rows) if rows else torch.empty(0, k, device=hs.device)
-        out[b] = rotate_picked(x[b, idx[b]], u).to(torch.float16)
-    return out
+    u = haar / (torch.linalg.vector_norm(haar, dim=-1, keepdim=True) + 1e-30)
+    y = torch.gather(x, 1, idx)
+    for j in range(idx.shape[1] - 1):
+        uj = u[:, j]
+        dot = torch.sum(y * uj, dim=-1, keepdim=True)
+        y = y - (2 * dot) * uj
+    return (y / (torch.linalg.vector_norm(y, dim=-1, keepdim=True) + 1e-8)).to(torch.float16)
 
 
 # --------------------------------------------------------------------------------------------- custom op

@@ -5,6 +5,7 @@ import torch
 
 from bits import f32_from_hex, ulp_distance
 from cpoc_kernels.reference import mmh, normal, seed32, stronger_normal, uniform
+from cpoc_kernels.reference.rng import normal_rows
 from cpoc_kernels.reference.seeds import stronger_sub_seeds
 
 MAX_ULP = 4  # fp32 values through log/cos/sin: CPU torch vs CUDA libdevice differ by a few ulp
@@ -60,6 +61,30 @@ def test_mmh_rejects_bad_seed():
         mmh(torch.arange(3), -1)
     with pytest.raises(ValueError):
         mmh(torch.arange(3), 2**32)
+    with pytest.raises(ValueError, match="uint32"):
+        mmh(torch.arange(3), torch.tensor([[0], [2**32]]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        mmh(torch.arange(3), torch.tensor([1.0]))
+
+
+def test_mmh_tensor_seeds_broadcast_like_per_seed_calls():
+    seeds = torch.tensor([0, 1, 2**31, 2**32 - 1, 12345])
+    keys = torch.arange(40)
+    want = torch.stack([mmh(keys, int(s)) for s in seeds])
+    assert torch.equal(mmh(keys.view(1, -1), seeds.view(-1, 1)), want)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 11, 12, 13, 64, 1025])
+def test_normal_rows_bit_equal_to_per_seed_normal(n):
+    """normal_rows batches the reference ops over seeds; every row must equal normal(seed, n) bit for bit."""
+    rng = np.random.default_rng(n)
+    seeds = torch.from_numpy(rng.integers(0, 2**32, size=300 if n < 100 else 40).astype(np.int64))
+    seeds[:3] = torch.tensor([0, 2**32 - 1, 1])
+    want = torch.stack([normal(int(s), n) for s in seeds])
+    got = normal_rows(seeds, n)
+    assert got.shape == (len(seeds), n) and got.dtype == torch.float32
+    assert torch.equal(got, want)
+    assert normal_rows(torch.empty(0, dtype=torch.int64), n).shape == (0, n)
 
 
 def test_uniform_golden_bit_exact(primitives):
