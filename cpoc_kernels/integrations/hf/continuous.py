@@ -340,13 +340,16 @@ class ContinuousPoC:
         self._handles += [
             m.register_forward_pre_hook(self._guard(self._on_step_start), with_kwargs=True),
             m.register_forward_hook(self._guard(self._on_step_end)),
-            self.embed.register_forward_hook(self._guard(self._on_embed)),
-            self.norm.register_forward_hook(self._guard(self._on_final_norm)),
-            self.lm_head.register_forward_pre_hook(self._on_lm_head_in),
-            self.lm_head.register_forward_hook(self._on_lm_head_out),
         ]
-        for i, layer in enumerate(self.layers):
-            self._handles.append(layer.register_forward_hook(self._guard(self._make_layer_hook(i))))
+        # the PoC compute hooks, armed only for steps with PoC rows (a module with hooks leaves PyTorch's fast
+        # call path: on a chat-only step each armed hook would cost a few µs per layer for nothing)
+        self._compute_hooks = [
+            (self.embed.register_forward_hook, self._guard(self._on_embed)),
+            (self.norm.register_forward_hook, self._guard(self._on_final_norm)),
+            (self.lm_head.register_forward_pre_hook, self._on_lm_head_in),
+            (self.lm_head.register_forward_hook, self._on_lm_head_out),
+        ] + [(layer.register_forward_hook, self._guard(self._make_layer_hook(i))) for i, layer in enumerate(self.layers)]
+        self._armed: list = []
         mgr = self._cb.manager
         self._patch(mgr, "_create_batch_processor", self._wrap_create_bp(mgr._create_batch_processor))
         router = mgr.output_router
@@ -365,6 +368,7 @@ class ContinuousPoC:
         with self._lock:
             self._running = False
         self._stop_worker()
+        self._disarm()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -377,6 +381,17 @@ class ContinuousPoC:
             else:
                 setattr(obj, name, old)
         self._patched.clear()
+
+    def _arm(self) -> None:
+        """Register the PoC compute hooks (engine thread, between forwards)."""
+        if not self._armed:
+            # prepend: PoC's hooks run before any hook registered since attach, as if registered at attach
+            self._armed = [register(hook, prepend=True) for register, hook in self._compute_hooks]
+
+    def _disarm(self) -> None:
+        for handle in self._armed:
+            handle.remove()
+        self._armed = []
 
     def _wrap_create_bp(self, original):
         def create_batch_processor():
@@ -664,8 +679,8 @@ class ContinuousPoC:
     def _pass(self, sched, original, visible: Callable[[str], bool], token_budget: int, cache_budget: int,
               max_requests: int):
         """One call of the engine's own scheduler with only ``visible`` requests present.
-        Returns (schedule, waiting requests left, starved requests)."""
-        hidden = self._cb.hide(sched, visible)
+        Returns (schedule, waiting requests left, starved requests). ``visible`` None: all requests."""
+        hidden = self._cb.hide(sched, visible) if visible is not None else ({}, {}, [])
         saved = sched.max_requests_per_batch
         sched.max_requests_per_batch = max_requests
         try:
@@ -687,14 +702,16 @@ class ContinuousPoC:
             self._sched_overhead = 0.0
             is_poc = self._tracker.is_poc_request
             max_requests = sched.max_requests_per_batch
-            # 1. chat first, with the whole budget, as if PoC did not exist
-            chat, waiting, head, starved = self._pass(sched, original, lambda r: not is_poc(r), token_budget,
-                                                      cache_budget, max_requests)
+            # 1. chat first, with the whole budget, as if PoC did not exist (no PoC request in the scheduler:
+            #    nothing to hide)
+            poc_in_flight = len(self._tracker) > 0
+            chat, waiting, head, starved = self._pass(sched, original, (lambda r: not is_poc(r)) if poc_in_flight
+                                                      else None, token_budget, cache_budget, max_requests)
             t_extra = time.perf_counter()
             try:
                 # 1b. chat short of KV while PoC holds some: preempt PoC nonces (re-queued), schedule more chat
-                if (chat[0] is None or starved or waiting) and self._preempt_for_chat(sched, bp, chat, waiting,
-                                                                                       head, starved):
+                if poc_in_flight and (chat[0] is None or starved or waiting) and self._preempt_for_chat(
+                        sched, bp, chat, waiting, head, starved):
                     if chat[0] is None:
                         chat, waiting, head, starved = self._pass(sched, original, lambda r: not is_poc(r),
                                                                   token_budget, cache_budget, max_requests)
@@ -864,11 +881,14 @@ class ContinuousPoC:
             step.t0, self._t_sched = min(step.t0, self._t_sched), None
         self._step = step
         if tracker is None or not len(tracker) or cu is None or pos is None:
+            self._disarm()
             return None
         reqs = self._cb.requests_in_batch()
         ids = [self._cb.request_id(fs) for fs in reqs]
         if not any(tracker.is_poc_request(r) for r in ids):
+            self._disarm()
             return None
+        self._arm()  # first: the LM-head hooks must hold on every step with PoC rows
         # LM-head row selection first (needs only ids): it must hold even if everything else fails
         # logits_indices has one entry per request: first the rows of requests that sample a token (in batch
         # order), then unused entries (row 0); only the chat entries among the first kind are kept
