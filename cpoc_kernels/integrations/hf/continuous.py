@@ -10,7 +10,8 @@ engine's forward compute the nonce exactly as a pure-PoC forward would (spec §4
 * decoder layer forward hooks: Householder reflection of the layer output (the residual stream) on PoC
   rows only (chat rows are not written);
 * final-norm forward hook: the last-position hidden state of each nonce whose prefill completes in
-  this step is copied out; a worker thread runs the output stage → :class:`~cpoc_kernels.artifacts.Artifact`
+  this step is copied out; the output stage → :class:`~cpoc_kernels.artifacts.Artifact` runs in a worker
+  thread, or right there for a PoC-only step on CPU (where the worker would compete with chat for the GIL)
   (the worker also prepares the next nonces' input embeddings and feeds the governor's step-time fit);
 * ``lm_head`` pre/post hooks: PoC rows are removed from the LM head input and get zero logits back
   (their sampled token is discarded), so the LM head never sees a PoC row;
@@ -34,6 +35,7 @@ space (``cpu_offload_space``; soft resets are fine: positions are absolute).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import queue
@@ -243,7 +245,6 @@ def cb_config(max_batch_tokens: int = 256, num_blocks: int = 256, page_size: int
 class _Step:
     """What the hooks of one forward step share (engine thread only)."""
 
-    t0: float
     total_rows: int
     rows: PoCRows | None = None
     lm_keep: list[int] | None = None  # lm_head input rows that are chat (None: no PoC logits this step)
@@ -258,6 +259,18 @@ class _Step:
     thread: int = 0  # the engine thread running this step: hooks ignore forwards from other threads
     block: slice | None = None  # the PoC rows as one contiguous block (the usual case: PoC is scheduled last)
     overhead: float = 0.0  # seconds spent in PoC code on the engine thread for this step
+    chat_requests: int = 0  # chat requests scheduled in this step
+
+
+@dataclass
+class _StepClock:
+    """The step scheduled last, timed from its scheduling until the engine loop comes back (engine thread)."""
+
+    t0: float
+    chat_tokens: int
+    poc_tokens: int
+    sched_seconds: float  # PoC's part of scheduling it
+    hook_seconds: float = 0.0  # time in PoC hooks during its forward
 
 
 class PoCFailure(RuntimeError):
@@ -323,10 +336,10 @@ class ContinuousPoC:
         self._readouts_done = 0  # worker thread only
         self._worker: threading.Thread | None = None
         self._gov_lock = threading.Lock()
-        self._t_sched: float | None = None
+        self._count_lock = threading.Lock()  # counters both threads update
+        self._clock: _StepClock | None = None  # the step scheduled last, until the engine loop comes back
         self.observe_interval = observe_interval
         self._next_observe = 0.0
-        self._sched_overhead = 0.0  # PoC scheduling time (s) attributed to the coming step
         self._poc_step_overhead: float | None = None  # EWMA of PoC's cost per step on the engine thread (all)
         self._poc_small_overhead: float | None = None  # the same over chat steps with few PoC rows (fixed part)
         self._vetoes_since_probe = 0
@@ -337,13 +350,11 @@ class ContinuousPoC:
     # -------------------------------------------------------------------------------------- attach
     def _attach(self) -> None:
         m = self.model
-        self._handles += [
-            m.register_forward_pre_hook(self._guard(self._on_step_start), with_kwargs=True),
-            m.register_forward_hook(self._guard(self._on_step_end)),
-        ]
-        # the PoC compute hooks, armed only for steps with PoC rows (a module with hooks leaves PyTorch's fast
-        # call path: on a chat-only step each armed hook would cost a few µs per layer for nothing)
+        # the hooks, armed by the scheduler wrapper only for steps with PoC rows (a module with hooks leaves
+        # PyTorch's fast call path: on a chat-only step each hook would cost a few µs per module for nothing)
         self._compute_hooks = [
+            (functools.partial(m.register_forward_pre_hook, with_kwargs=True), self._guard(self._on_step_start)),
+            (m.register_forward_hook, self._guard(self._on_step_end)),
             (self.embed.register_forward_hook, self._guard(self._on_embed)),
             (self.norm.register_forward_hook, self._guard(self._on_final_norm)),
             (self.lm_head.register_forward_pre_hook, self._on_lm_head_in),
@@ -383,7 +394,7 @@ class ContinuousPoC:
         self._patched.clear()
 
     def _arm(self) -> None:
-        """Register the PoC compute hooks (engine thread, between forwards)."""
+        """Register the PoC hooks (engine thread, between forwards)."""
         if not self._armed:
             # prepend: PoC's hooks run before any hook registered since attach, as if registered at attach
             self._armed = [register(hook, prepend=True) for register, hook in self._compute_hooks]
@@ -548,12 +559,14 @@ class ContinuousPoC:
         self._cb.wake()
 
     def _readout(self, hs: torch.Tensor, nonces: list[int]) -> None:
+        """Output stage of ``nonces`` (engine thread for PoC-only steps, worker thread otherwise)."""
         rnd = self._round
         kept, vecs = readout_vectors(hs, rnd["block_hash"], rnd["public_key"], nonces, rnd["k"])
-        self._counters["nonces_dropped_nan"] += len(nonces) - len(kept)
         for nonce, vec in zip(kept, vecs):
             self._emit(Artifact.from_vector(nonce, vec))
-        self._counters["nonces_done"] += len(nonces)
+        with self._count_lock:
+            self._counters["nonces_dropped_nan"] += len(nonces) - len(kept)
+            self._counters["nonces_done"] += len(nonces)
 
     def _cancel_in_flight(self) -> None:
         tracker = self._tracker
@@ -646,6 +659,9 @@ class ContinuousPoC:
 
     def _make_has_pending(self, original):
         def has_pending_requests() -> bool:
+            # the engine loop asks this first thing after a step: the step scheduled last is over
+            if self._clock is not None:
+                self._close_step(time.perf_counter())
             if original():
                 return True
             try:
@@ -696,10 +712,12 @@ class ContinuousPoC:
 
     def _make_schedule(self, sched, bp, original):
         def schedule_batch(token_budget: int, cache_budget: int):
+            t0 = time.perf_counter()
+            if self._clock is not None:
+                self._close_step(t0)
             if not self._engaged():
+                self._disarm()
                 return original(token_budget, cache_budget)
-            self._t_sched = time.perf_counter()
-            self._sched_overhead = 0.0
             is_poc = self._tracker.is_poc_request
             max_requests = sched.max_requests_per_batch
             # 1. chat first, with the whole budget, as if PoC did not exist (no PoC request in the scheduler:
@@ -708,6 +726,7 @@ class ContinuousPoC:
             chat, waiting, head, starved = self._pass(sched, original, (lambda r: not is_poc(r)) if poc_in_flight
                                                       else None, token_budget, cache_budget, max_requests)
             t_extra = time.perf_counter()
+            result = chat
             try:
                 # 1b. chat short of KV while PoC holds some: preempt PoC nonces (re-queued), schedule more chat
                 if poc_in_flight and (chat[0] is None or starved or waiting) and self._preempt_for_chat(
@@ -724,14 +743,23 @@ class ContinuousPoC:
                             chat = self._merge(chat, more)
                 if chat[0] is None:
                     return chat
-                return self._schedule_poc(sched, bp, original, chat, token_budget, cache_budget, waiting, head,
-                                          starved)
+                result = self._schedule_poc(sched, bp, original, chat, token_budget, cache_budget, waiting,
+                                            head, starved)
+                return result
             except Exception as exc:  # noqa: BLE001
                 self._fail(exc, "schedule")
                 sched.starved_requests = starved
+                result = chat
                 return chat
             finally:
-                self._sched_overhead = time.perf_counter() - t_extra
+                chat_q = int(chat[2]) if chat[0] else 0
+                poc_q = int(result[2]) - chat_q if result[0] else 0
+                if poc_q > 0:
+                    self._arm()  # before the forward: the LM-head filter must hold on every step with PoC rows
+                else:
+                    self._disarm()
+                if result[0]:
+                    self._clock = _StepClock(t0, chat_q, poc_q, time.perf_counter() - t_extra)
 
         return schedule_batch
 
@@ -876,19 +904,15 @@ class ContinuousPoC:
         cu = kwargs.get("cu_seq_lens_q")
         pos = kwargs.get("position_ids")
         num_rows = int(pos.shape[-1]) if torch.is_tensor(pos) else 0
-        step = _Step(t0=time.perf_counter(), total_rows=num_rows, thread=threading.get_ident())
-        if self._t_sched is not None:  # the step's cost starts with scheduling it (batch preparation included)
-            step.t0, self._t_sched = min(step.t0, self._t_sched), None
+        step = _Step(total_rows=num_rows, thread=threading.get_ident())
         self._step = step
         if tracker is None or not len(tracker) or cu is None or pos is None:
-            self._disarm()
             return None
         reqs = self._cb.requests_in_batch()
         ids = [self._cb.request_id(fs) for fs in reqs]
         if not any(tracker.is_poc_request(r) for r in ids):
-            self._disarm()
             return None
-        self._arm()  # first: the LM-head hooks must hold on every step with PoC rows
+        step.chat_requests = sum(1 for r in ids if not tracker.is_poc_request(r))
         # LM-head row selection first (needs only ids): it must hold even if everything else fails
         # logits_indices has one entry per request: first the rows of requests that sample a token (in batch
         # order), then unused entries (row 0); only the chat entries among the first kind are kept
@@ -925,31 +949,42 @@ class ContinuousPoC:
         if step is None:
             return None
         self._step = None
-        dt = time.perf_counter() - step.t0
+        clock = self._clock
+        if clock is not None:
+            clock.hook_seconds += step.overhead
+        if step.rows is not None:
+            self._counters["nonces_split"] += sum(1 for seg in step.rows.segments
+                                                  if seg.position == 0 and not seg.completes)
+            if self._tracker is not None:
+                self._tracker.advance(step.rows)
+        return None
+
+    def _close_step(self, now: float) -> None:
+        """Account the step scheduled last (engine thread): its time from scheduling to the engine loop's return
+        (batch preparation, forward, sampling, output update), counters, the fixed-cost estimate and a
+        subsample for the governor's step-time fit."""
+        clock, self._clock = self._clock, None
+        dt = now - clock.t0
         c = self._counters
         c["steps"] += 1
-        c["poc_tokens"] += step.poc_rows
-        c["chat_tokens"] += step.total_rows - step.poc_rows
-        if not step.poc_rows and step.total_rows and dt > 0:
+        c["poc_tokens"] += clock.poc_tokens
+        c["chat_tokens"] += clock.chat_tokens
+        if not clock.poc_tokens and dt > 0:
             e = self._chat_step_ewma
             self._chat_step_ewma = dt if e is None else 0.95 * e + 0.05 * dt
-        if step.poc_rows:
+        if clock.poc_tokens:
             c["poc_steps"] += 1
-            ovh = step.overhead + self._sched_overhead
+            ovh = clock.hook_seconds + clock.sched_seconds
             self._poc_step_overhead = ovh if self._poc_step_overhead is None else (
                 0.9 * self._poc_step_overhead + 0.1 * ovh)
-            if step.poc_rows <= self.SMALL_POC_ROWS and step.total_rows > step.poc_rows:
+            if clock.poc_tokens <= self.SMALL_POC_ROWS and clock.chat_tokens:
                 e = self._poc_small_overhead
                 self._poc_small_overhead = ovh if e is None else 0.8 * e + 0.2 * ovh
-            if step.rows is not None:
-                c["nonces_split"] += sum(1 for seg in step.rows.segments if seg.position == 0 and not seg.completes)
-                if self._tracker is not None:
-                    self._tracker.advance(step.rows)
         # the step-time fit costs ~0.2 ms: feed it a subsample (at most one step per observe_interval)
-        if self.governor is not None and step.total_rows > 0 and dt > 0 and step.t0 >= self._next_observe:
-            self._next_observe = step.t0 + self.observe_interval
-            self._jobs.put(("observe", step.total_rows, step.poc_rows, dt))
-        return None
+        total = clock.chat_tokens + clock.poc_tokens
+        if self.governor is not None and total > 0 and dt > 0 and clock.t0 >= self._next_observe:
+            self._next_observe = clock.t0 + self.observe_interval
+            self._jobs.put(("observe", total, clock.poc_tokens, dt))
 
     def _on_embed(self, module, args, output):
         step = self._current()
@@ -978,7 +1013,12 @@ class ContinuousPoC:
         if step is None or not step.compute or self._failed is not None or not step.readout.numel():
             return None
         flat = output.view(-1, output.shape[-1])
-        hs = flat.index_select(0, step.readout).float()  # a copy: the output stage runs in the worker thread
+        hs = flat.index_select(0, step.readout).float()  # a copy: the output stage may run in the worker thread
+        if step.chat_requests == 0 and self.device.type == "cpu":
+            # a PoC-only step on CPU: read out here, where it delays no chat step (in the worker it would compete with
+            # the next chat steps for the GIL, which on a small model costs them more than the readout itself)
+            self._readout(hs, step.rows.readout_nonces())
+            return None
         self._readouts_queued += 1
         self._jobs.put(("readout", hs, step.rows.readout_nonces()))
         return None

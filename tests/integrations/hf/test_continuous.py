@@ -100,6 +100,19 @@ class Probe:
             h.remove()
 
 
+def count_rows_per_step(model, mgr):
+    """A forward pre-hook recording (PoC rows, all rows) of every engine step, read from the batch itself."""
+    per_step = []
+
+    def count(module, args, kwargs):
+        reqs = mgr.batch_processor.inputs_and_outputs.requests_in_batch
+        cu = kwargs["cu_seq_lens_q"].tolist()
+        poc = sum(cu[i + 1] - cu[i] for i, fs in enumerate(reqs) if fs.state.request_id.startswith("cpoc-"))
+        per_step.append((poc, cu[len(reqs)]))
+
+    return per_step, model.register_forward_pre_hook(count, with_kwargs=True)
+
+
 def run_session(model, *, nonces=(), prompts=(), max_new=(), poc=True, mode="fill", late_chat=0,
                 max_batch_tokens=MAX_BATCH_TOKENS, probe=False, on_artifact=None, wait_nonces=True, num_blocks=64):
     """One CB session: chat requests (all queued before start, the last ``late_chat`` after PoC started)
@@ -269,6 +282,38 @@ def test_chat_short_of_kv_preempts_poc_not_chat(model, pure):
     assert_equivalent(on["artifacts"], pure(nonces), on["collected"])
 
 
+def test_chat_only_steps_run_without_poc_hooks(model):
+    """PoC's module hooks are armed only for steps with PoC rows: a chat-only step runs the engine's own code."""
+    gen = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb_config(
+        max_batch_tokens=MAX_BATCH_TOKENS, num_blocks=64, page_size=16, max_requests_per_batch=16))
+    cp = ContinuousPoC(model, mgr, mode="fixed-share", governor_options={"fixed_share": 0.25})
+    per_step, handle = count_rows_per_step(model, mgr)
+    hooks = []  # PoC hooks present on (model, first layer, lm_head) at each step
+    probe = model.register_forward_pre_hook(lambda m, a, k: hooks.append(
+        (len(model._forward_pre_hooks) - 2, len(cp.layers[0]._forward_hooks), len(model.lm_head._forward_pre_hooks))),
+        with_kwargs=True)
+    prompts, max_new = chat_workload(seed=5, n=4)
+    try:
+        for p, m in zip(prompts, max_new):
+            mgr.add_request(p, max_new_tokens=m)
+        cp.start(BH, PK, iter(range(900, 903)), SEQ_LEN)
+        mgr.start()
+        for _ in prompts:
+            assert mgr.get_result(timeout=TIMEOUT) is not None
+        assert cp.wait(nonces=3, timeout=TIMEOUT)
+        cp.stop()
+    finally:
+        mgr.stop(block=True, timeout=TIMEOUT)
+        cp.detach()
+        handle.remove()
+        probe.remove()
+    assert len(hooks) == len(per_step)
+    kinds = {(poc > 0, n) for (poc, _), n in zip(per_step, hooks)}
+    assert kinds == {(False, (0, 0, 0)), (True, (1, 1, 1))}, kinds  # both kinds of step happened
+    assert not model._forward_pre_hooks and not cp.layers[0]._forward_hooks and not model.lm_head._forward_pre_hooks
+
+
 def test_fixed_share_budget_bounds_poc_rows_per_step(model, pure):
     """The glue adds no more PoC rows to a step than the governor allows (fixed-share: share × batch)."""
     nonces = list(range(300, 306))
@@ -277,9 +322,7 @@ def test_fixed_share_budget_bounds_poc_rows_per_step(model, pure):
     mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb_config(
         max_batch_tokens=MAX_BATCH_TOKENS, num_blocks=64, page_size=16, max_requests_per_batch=16))
     cp = ContinuousPoC(model, mgr, mode="fixed-share", governor_options={"fixed_share": 0.25})
-    per_step = []
-    handle = model.register_forward_pre_hook(
-        lambda m, a, k: per_step.append(cp._step.poc_rows if cp._step is not None else 0), with_kwargs=True)
+    per_step, handle = count_rows_per_step(model, mgr)
     try:
         for p, m in zip(prompts, max_new):
             mgr.add_request(p, max_new_tokens=m)
@@ -293,8 +336,8 @@ def test_fixed_share_budget_bounds_poc_rows_per_step(model, pure):
         mgr.stop(block=True, timeout=TIMEOUT)
         cp.detach()
         handle.remove()
-    assert max(per_step) == MAX_BATCH_TOKENS // 4  # floor(0.25 * 32) and actually reached
-    assert sum(per_step) == len(nonces) * SEQ_LEN
+    assert max(p for p, _ in per_step) == MAX_BATCH_TOKENS // 4  # floor(0.25 * 32) and actually reached
+    assert sum(p for p, _ in per_step) == len(nonces) * SEQ_LEN
     assert_equivalent({a.nonce: a.vector() for a in cp.collected}, pure(nonces), cp.collected)
 
 
@@ -308,10 +351,7 @@ def test_idle_max_tokens_bounds_idle_steps_only(model, pure):
     mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb_config(
         max_batch_tokens=big, num_blocks=64, page_size=16, max_requests_per_batch=16))
     cp = ContinuousPoC(model, mgr, governor_options={"idle_max_tokens": idle})
-    per_step = []  # (PoC rows, all rows) of every step
-    handle = model.register_forward_pre_hook(
-        lambda m, a, k: per_step.append((cp._step.poc_rows, cp._step.total_rows) if cp._step is not None
-                                        else (0, 0)), with_kwargs=True)
+    per_step, handle = count_rows_per_step(model, mgr)  # (PoC rows, all rows) of every step
     try:
         for p in prompts:
             mgr.add_request(p, max_new_tokens=3)
