@@ -22,6 +22,10 @@ Rules (chat always first):
   step, this bounds the slowdown of chat time-per-output-token. The bound uses the time the PoC tokens
   *add* to this step (mean + ``confidence_z`` standard deviations of the fit), against a budget that
   is a fraction of the whole chat step, so a step's fixed overhead makes small PoC additions cheap.
+  If carrying *any* PoC rows costs the step a fixed time (``StepLoad.poc_fixed_seconds``: hooks, an extra
+  scheduling pass; measured by the glue), that time is taken from the allowance first; when it alone
+  exceeds the allowance, PoC waits for a step without chat (``fixed_cost``), except for
+  ``StepLoad.probe_tokens`` rows the glue may ask for to keep its measurement of the fixed time current.
   With no chat in the step there is nothing to slow down: PoC fills up to ``idle_max_tokens``
   (default: the whole batch). That idle step delays a chat request arriving during it by at most one
   such step; lower ``idle_max_tokens`` to bound that latency.
@@ -52,6 +56,7 @@ class BudgetReason(str, Enum):
     FIXED_SHARE = "fixed_share"
     BATCH_ROOM = "batch_room"
     IDLE_CAP = "idle_cap"
+    FIXED_COST = "fixed_cost"
 
 
 def _check_count(name: str, value: object) -> int:
@@ -302,7 +307,9 @@ class StepLoad:
     PoC nonces in flight hold. ``waiting_chat_kv_tokens``: KV slots the waiting chat requests need to
     be admitted (at least the head of the queue; 0 if unknown: then no preemption is asked for).
     ``chat_attention_keys``: attention pairs of the chat rows (only used when the config's
-    ``poc_attention_keys_per_token`` is set).
+    ``poc_attention_keys_per_token`` is set). ``poc_fixed_seconds``: the time a step pays for carrying any
+    PoC rows at all, whatever their number (``fill`` mode charges it to the SLO allowance first);
+    ``probe_tokens``: PoC rows allowed even when that fixed time alone exceeds the allowance (0: none).
     """
 
     chat_tokens: int
@@ -314,12 +321,15 @@ class StepLoad:
     poc_kv_tokens_held: int = 0
     waiting_chat_kv_tokens: int = 0
     chat_attention_keys: int = 0
+    poc_fixed_seconds: float = 0.0
+    probe_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("chat_tokens", "kv_tokens_free", "chat_decode_requests", "chat_prefill_tokens",
                      "waiting_chat_requests", "poc_tokens_pending", "poc_kv_tokens_held",
-                     "waiting_chat_kv_tokens", "chat_attention_keys"):
+                     "waiting_chat_kv_tokens", "chat_attention_keys", "probe_tokens"):
             _check_count(name, getattr(self, name))
+        _check_real("poc_fixed_seconds", self.poc_fixed_seconds)
         if self.chat_prefill_tokens + self.chat_decode_requests > self.chat_tokens:
             raise ValueError(f"chat_prefill_tokens ({self.chat_prefill_tokens}) + chat_decode_requests "
                              f"({self.chat_decode_requests}) exceed chat_tokens ({self.chat_tokens})")
@@ -412,10 +422,14 @@ class Governor:
             idle = cfg.max_batch_tokens if cfg.idle_max_tokens is None else cfg.idle_max_tokens
             limits.append((idle, BudgetReason.IDLE_CAP))
         else:
-            slo_tokens = self.model.max_added_tokens(
-                load.chat_tokens, chat_keys, self._keys_per_poc_token(), cfg.slo_overhead * chat_seconds,
-                cfg.confidence_z, limit=cfg.max_batch_tokens)
-            limits.append((slo_tokens, BudgetReason.SLO))
+            allowance = cfg.slo_overhead * chat_seconds - load.poc_fixed_seconds  # left for the PoC rows
+            if load.poc_fixed_seconds > 0 and allowance <= 0:
+                limits.append((load.probe_tokens, BudgetReason.FIXED_COST))
+            else:
+                slo_tokens = self.model.max_added_tokens(
+                    load.chat_tokens, chat_keys, self._keys_per_poc_token(), allowance, cfg.confidence_z,
+                    limit=cfg.max_batch_tokens)
+                limits.append((slo_tokens, BudgetReason.SLO))
         limits.append((kv_limit, BudgetReason.KV_BACKPRESSURE))
         tokens, reason = min(limits, key=lambda item: item[0])  # first of equal limits wins
         return budget(max(0, tokens), reason)

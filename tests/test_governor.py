@@ -262,6 +262,34 @@ def test_small_additions_are_cheap_because_of_the_fixed_overhead():
     assert large.tokens > small.tokens
 
 
+def test_fixed_cost_of_carrying_poc_is_charged_to_the_slo_first():
+    """A step carrying any PoC rows pays a fixed time (hooks, a scheduling pass): it comes off the allowance
+    first; when it alone exceeds the allowance, only the glue's probe rows may join (reason fixed_cost)."""
+    governor = warmed_governor(config())
+    chat = 300
+    allowance = 0.05 * governor.model.predict(chat)
+    free = governor.decide(ample_load(chat))
+    half = governor.decide(ample_load(chat, poc_fixed_seconds=allowance / 2))
+    assert free.reason == half.reason == BudgetReason.SLO
+    # the PoC rows get what is left: about half the tokens (the fit's per-token cost is what it is)
+    assert half.tokens == governor.model.max_added_tokens(chat, 0, 0, allowance / 2, governor.config.confidence_z,
+                                                          governor.config.max_batch_tokens)
+    assert 0.4 * free.tokens <= half.tokens <= 0.6 * free.tokens
+    veto = governor.decide(ample_load(chat, poc_fixed_seconds=allowance * 1.01))
+    assert (veto.tokens, veto.reason) == (0, BudgetReason.FIXED_COST)
+    probe = governor.decide(ample_load(chat, poc_fixed_seconds=allowance * 1.01, probe_tokens=8))
+    assert (probe.tokens, probe.reason) == (8, BudgetReason.FIXED_COST)
+    tight_kv = governor.decide(ample_load(chat, poc_fixed_seconds=1.0, probe_tokens=8,
+                                          kv_tokens_free=governor.config.kv_reserve_tokens + 5, poc_tokens_pending=5))
+    assert tight_kv.tokens == 5  # a probe still respects KV
+    idle = governor.decide(ample_load(0, poc_fixed_seconds=1.0))
+    assert idle.reason in (BudgetReason.BATCH_ROOM, BudgetReason.IDLE_CAP) and idle.tokens > 0  # no chat: nothing to slow
+    with pytest.raises(ValueError):
+        ample_load(chat, poc_fixed_seconds=-1e-3)
+    with pytest.raises(ValueError):
+        ample_load(chat, probe_tokens=-1)
+
+
 def test_attention_cost_of_poc_tokens_counts_against_the_slo():
     """With attention reported, a PoC token is charged for the ~512 keys it attends; without, for the
     average attention of whatever steps the fit saw (here chat rows attending up to 4000 keys)."""
@@ -547,6 +575,8 @@ loads = st.builds(
     kv_tokens_free=st.integers(0, 200_000),
     waiting_chat_requests=st.integers(0, 3),
     poc_tokens_pending=st.integers(0, 20_000),
+    poc_fixed_seconds=st.sampled_from([0.0, 1e-5, 1e-3, 0.5]),
+    probe_tokens=st.integers(0, 16),
 )
 configs = st.builds(
     GovernorConfig,
@@ -583,7 +613,11 @@ def test_budget_invariants(cfg, load, observations, knots):
     if cfg.mode == "fixed-share":
         assert budget.tokens <= cfg.fixed_share * cfg.max_batch_tokens
     if cfg.mode == "fill" and load.chat_tokens and budget.tokens:
-        # the model's own prediction respects the SLO
-        assert budget.predicted_step_seconds <= (1 + cfg.slo_overhead) * budget.predicted_chat_step_seconds + 1e-12
+        if budget.reason == BudgetReason.FIXED_COST:  # a probe: the fixed cost alone exceeds the allowance
+            assert budget.tokens <= load.probe_tokens
+            assert load.poc_fixed_seconds >= cfg.slo_overhead * budget.predicted_chat_step_seconds
+        else:  # the model's own prediction, plus the fixed cost of carrying PoC rows, respects the SLO
+            assert (budget.predicted_step_seconds + load.poc_fixed_seconds
+                    <= (1 + cfg.slo_overhead) * budget.predicted_chat_step_seconds + 1e-12)
     # deterministic and pure
     assert governor.decide(load) == budget

@@ -20,8 +20,10 @@ engine's forward compute the nonce exactly as a pure-PoC forward would (spec §4
   join the step and how many new nonces to admit; PoC requests are scheduled only into what is left
   (the engine's own scheduler, run over the PoC requests alone). If chat is short of KV the governor asks
   for preemption: in-flight PoC nonces are dropped (and re-queued), the engine never offloads chat for PoC.
-  In ``fill`` mode the measured fixed cost of a step with PoC rows is charged to the SLO allowance first
-  (:meth:`ContinuousPoC._fixed_cost_adapter`);
+  The glue measures the fixed cost of a step carrying PoC rows (hooks, the PoC scheduling pass) and hands it
+  to the governor (``StepLoad.poc_fixed_seconds``), which charges it to the SLO allowance first; while that
+  vetoes PoC in chat steps, every ``PROBE_EVERY``-th such step may carry ``SMALL_POC_ROWS`` rows so the
+  measurement stays current;
 * the output router is wrapped: PoC requests' outputs never reach the chat output queue/handlers.
 
 Every hook body is guarded: an exception inside PoC handling disables PoC (hooks become pass-through for
@@ -51,7 +53,7 @@ import torch
 
 from cpoc_kernels import ops
 from cpoc_kernels.artifacts import Artifact, check_nonce
-from cpoc_kernels.governor import Governor, GovernorConfig, StepLoad, StepTimeModel
+from cpoc_kernels.governor import BudgetReason, Governor, GovernorConfig, StepLoad, StepTimeModel
 from cpoc_kernels.reference.readout import K_DIM
 from cpoc_kernels.rows import NonceTracker, PoCRows
 
@@ -780,7 +782,8 @@ class ContinuousPoC:
         fields = dict(chat_tokens=int(chat_q), kv_tokens_free=max(0, kv_free), chat_decode_requests=decode_reqs,
                       chat_prefill_tokens=int(chat_q) - decode_reqs, waiting_chat_requests=waiting,
                       poc_tokens_pending=tracker.pending_tokens, poc_kv_tokens_held=held,
-                      waiting_chat_kv_tokens=need)
+                      waiting_chat_kv_tokens=need, poc_fixed_seconds=self._fixed_cost() or 0.0,
+                      probe_tokens=self.SMALL_POC_ROWS if self._vetoes_since_probe >= self.PROBE_EVERY else 0)
         known = getattr(StepLoad, "__dataclass_fields__", fields)
         return StepLoad(**{k: v for k, v in fields.items() if k in known})
 
@@ -821,8 +824,8 @@ class ContinuousPoC:
         if (self.mode == "fill" and chat_q > 0 and fixed is not None and chat_step is not None
                 and fixed >= self.slo_overhead * chat_step and len(self._prepared) > 0
                 and self._vetoes_since_probe < self.PROBE_EVERY):
-            # PoC's fixed per-step cost alone exceeds the SLO allowance of a chat step: skip the budget
-            # computation (it would be vetoed by _fixed_cost_adapter anyway); PoC waits for an idle step
+            # fast path of the governor's fixed-cost rule (measured chat step time instead of the fit): PoC's
+            # fixed per-step cost alone exceeds the SLO allowance of a chat step, so skip building the load
             self._counters["fixed_cost_vetoes"] += 1
             self._vetoes_since_probe += 1
             sched.starved_requests = starved
@@ -833,7 +836,14 @@ class ContinuousPoC:
             governor.record(budget)
         if self._running and self._failed is None and budget.new_requests > 0 and not self._cb.stopping():
             self._admit(sched, budget.new_requests)
-        tokens = min(self._fixed_cost_adapter(budget, chat_q), token_budget - chat_q, tracker.pending_tokens)
+        if budget.reason == BudgetReason.FIXED_COST:
+            if budget.tokens > 0:
+                self._vetoes_since_probe = 0
+                self._counters["fixed_cost_probes"] += 1
+            else:
+                self._vetoes_since_probe += 1
+                self._counters["fixed_cost_vetoes"] += 1
+        tokens = min(budget.tokens, token_budget - chat_q, tracker.pending_tokens)
         requests_left = sched.max_requests_per_batch - len(chat_batch)
         if tokens <= 0 or requests_left <= 0 or self._failed is not None:
             sched.starved_requests = starved
@@ -847,35 +857,12 @@ class ContinuousPoC:
             return chat
         return self._merge(chat, poc)
 
-    def _fixed_cost_adapter(self, budget, chat_tokens: int) -> int:
-        """Adapter over the governor's SLO: its step-time model is ``overhead + cost·tokens`` and cannot see
-        that a step *with* PoC rows pays a fixed cost on the engine thread (hooks, extra scheduling passes),
-        which on a small model on CPU is comparable to the whole step. In ``fill`` mode with chat in the step,
-        that measured cost is taken from the SLO allowance first; the token budget shrinks accordingly
-        (to 0 when the fixed cost alone exceeds it).
-
-        The fixed part is estimated from chat steps with at most ``SMALL_POC_ROWS`` PoC rows (until there is
-        one, from all PoC steps, an overestimate); while vetoing, every ``PROBE_EVERY``-th chat step still
-        gets up to ``SMALL_POC_ROWS`` tokens so the estimate stays measured, not assumed."""
-        tokens = budget.tokens
-        fixed = self._fixed_cost()
-        if tokens <= 0 or self.mode != "fill" or chat_tokens == 0 or fixed is None:
-            return tokens
-        allowance = self.slo_overhead * budget.predicted_chat_step_seconds
-        if fixed >= allowance:
-            if self._vetoes_since_probe >= self.PROBE_EVERY:
-                self._vetoes_since_probe = 0
-                self._counters["fixed_cost_probes"] += 1
-                return min(tokens, self.SMALL_POC_ROWS)
-            self._vetoes_since_probe += 1
-            self._counters["fixed_cost_vetoes"] += 1
-            return 0
-        return int(tokens * (1.0 - fixed / allowance))
-
-    SMALL_POC_ROWS = 8
-    PROBE_EVERY = 50
+    SMALL_POC_ROWS = 8  # a probe step's PoC rows (and the chat steps the fixed-cost estimate is taken from)
+    PROBE_EVERY = 50  # fixed-cost vetoes between two probes
 
     def _fixed_cost(self) -> float | None:
+        """Measured PoC cost (s) of a step carrying a few PoC rows beside chat (its fixed part), or of all PoC
+        steps until there is such a step (an overestimate); None before any PoC step."""
         small = self._poc_small_overhead
         return small if small is not None else self._poc_step_overhead
 

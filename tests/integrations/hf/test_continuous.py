@@ -314,6 +314,41 @@ def test_chat_only_steps_run_without_poc_hooks(model):
     assert not model._forward_pre_hooks and not cp.layers[0]._forward_hooks and not model.lm_head._forward_pre_hooks
 
 
+def test_fixed_cost_keeps_poc_out_of_chat_steps_except_probes(model, pure, monkeypatch):
+    """fill mode: when carrying PoC rows costs a chat step more than its SLO allowance, PoC joins only steps
+    without chat, plus at most SMALL_POC_ROWS probe rows every PROBE_EVERY vetoed chat steps."""
+    monkeypatch.setattr(ContinuousPoC, "_fixed_cost", lambda self: 1.0)  # 1 s per step: far above 5 % of a step
+    monkeypatch.setattr(ContinuousPoC, "PROBE_EVERY", 3)
+    nonces = list(range(500, 506))
+    gen = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb_config(
+        max_batch_tokens=MAX_BATCH_TOKENS, num_blocks=64, page_size=16, max_requests_per_batch=16))
+    cp = ContinuousPoC(model, mgr)
+    per_step, handle = count_rows_per_step(model, mgr)
+    prompts, max_new = chat_workload(seed=8, n=4)
+    try:
+        cp.start(BH, PK, iter(nonces), SEQ_LEN)
+        mgr.start()
+        assert cp.wait(nonces=1, timeout=TIMEOUT)  # PoC in flight, then chat arrives
+        for p in prompts:
+            mgr.add_request(p, max_new_tokens=8)
+        for _ in prompts:
+            assert mgr.get_result(timeout=TIMEOUT) is not None
+        assert cp.wait(nonces=len(nonces), timeout=TIMEOUT)
+        cp.stop()
+    finally:
+        mgr.stop(block=True, timeout=TIMEOUT)
+        cp.detach()
+        handle.remove()
+    st = cp.stats()
+    mixed = [poc for poc, total in per_step if 0 < poc < total]
+    assert all(poc <= ContinuousPoC.SMALL_POC_ROWS for poc in mixed), mixed
+    assert st["fixed_cost_vetoes"] >= 3 and 1 <= len(mixed) <= st["fixed_cost_probes"]
+    assert st["fixed_cost_vetoes"] >= ContinuousPoC.PROBE_EVERY * st["fixed_cost_probes"]
+    assert any(poc == total > 0 for poc, total in per_step)  # PoC-only steps
+    assert_equivalent({a.nonce: a.vector() for a in cp.collected}, pure(nonces), cp.collected)
+
+
 def test_fixed_share_budget_bounds_poc_rows_per_step(model, pure):
     """The glue adds no more PoC rows to a step than the governor allows (fixed-share: share × batch)."""
     nonces = list(range(300, 306))
