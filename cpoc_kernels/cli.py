@@ -150,6 +150,11 @@ def _add_mixed_args(p: argparse.ArgumentParser, duration: float) -> None:
     p.add_argument("--num-blocks", type=int, default=256, help="KV cache blocks")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--max-requests", type=int, default=32, help="max requests per step")
+    p.add_argument("--idle-max-tokens", type=int, default=None,
+                   help="PoC tokens in a step without chat (default: the whole step)")
+    p.add_argument("--idle-max-ms", type=float, default=None,
+                   help="predicted duration bound of a step without chat, i.e. about the longest a chat request "
+                        "arriving during one waits (default: none)")
     p.add_argument("--prompt-len", default="16:64", help="chat prompt length range MIN:MAX")
     p.add_argument("--output-len", default="8:24", help="chat output length range MIN:MAX")
     p.add_argument("--threads", type=int, default=1,
@@ -183,6 +188,10 @@ def _mixed_setup(args):
         raise UsageError(f"unknown governor mode {args.mode!r}; choose one of {', '.join(MODES)}")
     if args.slo_overhead < 0:
         raise UsageError("--slo-overhead must be >= 0")
+    if args.idle_max_tokens is not None and args.idle_max_tokens <= 0:
+        raise UsageError("--idle-max-tokens must be positive")
+    if args.idle_max_ms is not None and not args.idle_max_ms > 0:
+        raise UsageError("--idle-max-ms must be positive")
     if args.threads is not None:
         if args.threads <= 0:
             raise UsageError("--threads must be positive")
@@ -193,7 +202,8 @@ def _mixed_setup(args):
                               page_size=args.page_size, max_requests_per_batch=args.max_requests,
                               prompt_len=_range_arg(args.prompt_len, "prompt-len"),
                               output_len=_range_arg(args.output_len, "output-len"), mode=args.mode,
-                              slo_overhead=args.slo_overhead)
+                              slo_overhead=args.slo_overhead, idle_max_tokens=args.idle_max_tokens,
+                              idle_max_seconds=None if args.idle_max_ms is None else args.idle_max_ms / 1e3)
     rnd = Round(block_hash=args.block_hash, public_key=args.public_key, seq_len=args.seq_len, k=args.k,
                 stronger_rng=args.stronger_rng)
     return settings, rnd

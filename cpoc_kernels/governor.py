@@ -28,7 +28,8 @@ Rules (chat always first):
   ``StepLoad.probe_tokens`` rows the glue may ask for to keep its measurement of the fixed time current.
   With no chat in the step there is nothing to slow down: PoC fills up to ``idle_max_tokens``
   (default: the whole batch). That idle step delays a chat request arriving during it by at most one
-  such step; lower ``idle_max_tokens`` to bound that latency.
+  such step; ``idle_max_seconds`` bounds that wait in time (the step-time fit turns it into tokens), or
+  lower ``idle_max_tokens``.
 * ``fixed-share``: PoC gets ``fixed_share × max_batch_tokens``, still behind chat and KV (no SLO).
 """
 from __future__ import annotations
@@ -187,6 +188,24 @@ class StepTimeModel:
         ``tokens`` rows: mean + z·std."""
         return self.added_seconds(tokens, 0.0, 1.0, attention_keys_per_token, z)
 
+    def max_tokens_within(self, seconds: float, keys_per_token: float, z: float, limit: int) -> int:
+        """Largest ``x`` in ``0..limit`` whose predicted step time (mean + z·std, ``x·keys_per_token``
+        attention pairs) is ≤ ``seconds``."""
+        def fits(x: int) -> bool:
+            f = self._features(x, x * keys_per_token)
+            return float(f @ self._theta) + z * math.sqrt(max(float(f @ self._cov @ f), 0.0)) <= seconds
+
+        if limit <= 0 or not fits(1):
+            return 0
+        low, high = 1, limit
+        while low < high:
+            mid = (low + high + 1) // 2
+            if fits(mid):
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
     def max_added_tokens(self, tokens: int, attention_keys: float, keys_per_added_token: float,
                          extra_seconds: float, z: float, limit: int) -> int:
         """Largest ``x`` in ``0..limit`` whose :meth:`added_seconds` (mean + z·std) is ≤ ``extra_seconds``."""
@@ -266,6 +285,9 @@ class GovernorConfig:
     """Tokens per PoC nonce (each admitted nonce will need this many KV slots)."""
     idle_max_tokens: int | None = None
     """PoC tokens in a step without chat (None: ``max_batch_tokens``)."""
+    idle_max_seconds: float | None = None
+    """Predicted duration of a step without chat (None: unbounded), i.e. about the longest a chat request
+    arriving during it waits; at least one PoC token per idle step, so PoC always progresses."""
     poc_attention_keys_per_token: float | None = None
     """Attention pairs per PoC token, if the glue reports attention keys (a full nonce averages
     ``(poc_seq_len + 1) / 2``); None: attention is folded into the per-token cost."""
@@ -288,6 +310,8 @@ class GovernorConfig:
             raise ValueError(f"kv_reserve_fraction must be in [0, 1), got {self.kv_reserve_fraction}")
         if self.idle_max_tokens is not None:
             _check_count("idle_max_tokens", self.idle_max_tokens)
+        if self.idle_max_seconds is not None:
+            _check_real("idle_max_seconds", self.idle_max_seconds, strictly=True)
         if self.poc_attention_keys_per_token is not None:
             _check_real("poc_attention_keys_per_token", self.poc_attention_keys_per_token)
 
@@ -420,6 +444,9 @@ class Governor:
             limits.append((math.floor(cfg.fixed_share * cfg.max_batch_tokens), BudgetReason.FIXED_SHARE))
         elif load.chat_tokens == 0:
             idle = cfg.max_batch_tokens if cfg.idle_max_tokens is None else cfg.idle_max_tokens
+            if cfg.idle_max_seconds is not None:
+                idle = min(idle, max(1, self.model.max_tokens_within(
+                    cfg.idle_max_seconds, self._keys_per_poc_token(), cfg.confidence_z, cfg.max_batch_tokens)))
             limits.append((idle, BudgetReason.IDLE_CAP))
         else:
             allowance = cfg.slo_overhead * chat_seconds - load.poc_fixed_seconds  # left for the PoC rows

@@ -55,6 +55,9 @@ def test_bench_mixed_writes_csv_and_png(tmp_path, capsys):
     assert int(rows[0]["chat_requests"]) == 0 and int(rows[1]["chat_requests"]) > 0
     assert float(rows[1]["chat_p50_on_ms"]) > 0 and float(rows[1]["chat_p50_off_ms"]) > 0
     assert 0 <= float(rows[1]["poc_token_share"]) <= 1
+    # idle share: all of it without chat; measured from the chat-alone run with chat
+    assert float(rows[0]["idle_share"]) == 1.0 and 0 <= float(rows[1]["idle_share"]) < 1
+    assert float(rows[1]["goal_fraction_idle"]) == pytest.approx(0.9 * float(rows[1]["idle_share"]), rel=1e-4)
     png = (tmp_path / "t.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -66,6 +69,8 @@ def test_bench_mixed_writes_csv_and_png(tmp_path, capsys):
     (["bench-mixed", "--loads", "a,b"], "cannot read --loads"),
     (["bench-mixed", "--loads", "0,7"], "fractions in"),
     (["bench-mixed", "--max-batch-tokens", "0"], "--max-batch-tokens must be positive"),
+    (["bench-mixed", "--idle-max-ms", "0"], "--idle-max-ms must be positive"),
+    (["demo", "--idle-max-tokens", "-3"], "--idle-max-tokens must be positive"),
 ])
 def test_bad_mixed_arguments_one_line_exit_2(argv, fragment, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -200,6 +200,25 @@ def test_idle_chat_fills_the_batch():
     assert capped.new_requests == 2
 
 
+def test_idle_steps_bounded_in_time():
+    """idle_max_seconds: a step without chat is sized so its predicted time (fit + caution) stays within the
+    bound, i.e. a chat request arriving during it waits about that long at most; at least one token."""
+    for bound in (4e-3, 20e-3, 60e-3):
+        governor = warmed_governor(config(idle_max_seconds=bound))
+        budget = governor.decide(ample_load(0))
+        assert budget.reason == BudgetReason.IDLE_CAP
+        exact = (bound - OVERHEAD) / PER_TOKEN  # what the true engine allows
+        assert 0.85 * exact <= budget.tokens <= exact
+        assert true_step_seconds(budget.tokens) <= bound
+    assert warmed_governor(config(idle_max_seconds=1e-6)).decide(ample_load(0)).tokens == 1
+    both = warmed_governor(config(idle_max_seconds=1.0, idle_max_tokens=100)).decide(ample_load(0))
+    assert both.tokens == 100
+    chat = warmed_governor(config(idle_max_seconds=4e-3)).decide(ample_load(300))
+    assert chat.reason == BudgetReason.SLO  # steps with chat follow the SLO, not the idle bound
+    with pytest.raises(ValueError):
+        config(idle_max_seconds=0.0)
+
+
 def test_full_chat_and_waiting_chat_give_nothing():
     cfg = config()
     governor = warmed_governor(cfg)
@@ -588,6 +607,7 @@ configs = st.builds(
     kv_reserve_fraction=st.floats(0, 0.5),
     poc_seq_len=st.integers(1, 4096),
     idle_max_tokens=st.none() | st.integers(0, 8192),
+    idle_max_seconds=st.none() | st.floats(1e-4, 10.0),
 )
 observation_lists = st.lists(st.tuples(st.integers(0, 8192), st.floats(1e-4, 1.0)), max_size=20)
 knot_choices = st.sampled_from([(), (256,), (128, 1024, 4096)])
