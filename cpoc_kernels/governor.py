@@ -78,6 +78,21 @@ def _check_real(name: str, value: object, minimum: float = 0.0, strictly: bool =
     return value
 
 
+def _largest_fitting(fits, limit: int) -> int:
+    """Largest ``x`` in ``0..limit`` with ``fits(x)``, for a ``fits`` true up to some point and false after
+    (a predicted time growing with x); 0 if not even ``fits(1)``. Binary search."""
+    if limit <= 0 or not fits(1):
+        return 0
+    low, high = 1, limit  # fits(low)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
 # ----------------------------------------------------------------------------------------------
 # Step-time model
 
@@ -195,16 +210,7 @@ class StepTimeModel:
             f = self._features(x, x * keys_per_token)
             return float(f @ self._theta) + z * math.sqrt(max(float(f @ self._cov @ f), 0.0)) <= seconds
 
-        if limit <= 0 or not fits(1):
-            return 0
-        low, high = 1, limit
-        while low < high:
-            mid = (low + high + 1) // 2
-            if fits(mid):
-                low = mid
-            else:
-                high = mid - 1
-        return low
+        return _largest_fitting(fits, limit)
 
     def max_added_tokens(self, tokens: int, attention_keys: float, keys_per_added_token: float,
                          extra_seconds: float, z: float, limit: int) -> int:
@@ -212,16 +218,7 @@ class StepTimeModel:
         def fits(x: int) -> bool:
             return self.added_seconds(tokens, attention_keys, x, x * keys_per_added_token, z) <= extra_seconds
 
-        if limit <= 0 or not fits(1):
-            return 0
-        low, high = 1, limit  # fits(low); binary search, the added time growing with x
-        while low < high:
-            mid = (low + high + 1) // 2
-            if fits(mid):
-                low = mid
-            else:
-                high = mid - 1
-        return low
+        return _largest_fitting(fits, limit)
 
     def observe(self, tokens: int, step_seconds: float, attention_keys: int = 0) -> None:
         """Add one measured step (``tokens`` rows took ``step_seconds`` s) and refit."""

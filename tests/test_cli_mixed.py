@@ -58,6 +58,9 @@ def test_bench_mixed_writes_csv_and_png(tmp_path, capsys):
     # idle share: all of it without chat; measured from the chat-alone run with chat
     assert float(rows[0]["idle_share"]) == 1.0 and 0 <= float(rows[1]["idle_share"]) < 1
     assert float(rows[1]["goal_fraction_idle"]) == pytest.approx(0.9 * float(rows[1]["idle_share"]), rel=1e-4)
+    assert float(rows[0]["of_engine_idle_rate"]) == 1.0  # the load-0 row is the engine's own idle rate
+    assert float(rows[1]["of_engine_idle_rate"]) == pytest.approx(
+        float(rows[1]["nonces_per_s"]) / float(rows[0]["nonces_per_s"]), rel=1e-4)
     png = (tmp_path / "t.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 

@@ -234,7 +234,7 @@ def recompute_and_validate(model, rnd: Round, artifacts: Sequence[Artifact], bat
 CSV_FIELDS = ["model", "dtype", "seq_len", "load", "chat_rate_rps", "chat_requests", "chat_p50_off_ms",
               "chat_p99_off_ms", "chat_p50_on_ms", "chat_p99_on_ms", "p50_overhead", "p99_overhead",
               "nonces_per_s", "pure_poc_nonces_per_s", "poc_fraction_of_pure", "goal_fraction", "idle_share",
-              "goal_fraction_idle", "idle_share_filled", "poc_token_share", "nonces_preempted",
+              "goal_fraction_idle", "idle_share_filled", "of_engine_idle_rate", "poc_token_share", "nonces_preempted",
               "chat_outputs_differ", "window_s"]
 
 
@@ -256,7 +256,9 @@ def bench_mixed(model, model_name: str, dtype_name: str, settings: EngineSetting
     fraction of the window the engine loop sat idle serving the chat stream alone (off runs), the capacity
     that is actually left when a step's cost grows with its rows (CPU: chat at half the burst rate keeps the
     engine busy most of the time in small, inefficient steps); ``goal_fraction_idle`` = 0.9·idle_share and
-    ``idle_share_filled`` = PoC's fraction of pure / idle_share.
+    ``idle_share_filled`` = PoC's fraction of pure / idle_share. ``of_engine_idle_rate``: PoC's rate over the
+    engine's own PoC rate without chat (the load-0 row, when swept): the governor's filling, apart from how
+    efficient the engine's steps are for PoC compared with plain batches.
     """
     if capacity is None:
         log("measuring chat capacity (burst, no PoC) ...")
@@ -318,7 +320,9 @@ def bench_mixed(model, model_name: str, dtype_name: str, settings: EngineSetting
         pure_after = pure_poc_rate(model, rnd)
         pure = 0.5 * (pure_before + pure_after)
         log(f"pure PoC {pure_before:.2f} nonces/s before, {pure_after:.2f} after the sweep: using {pure:.2f}")
+    idle_rate = next((r["nonces_per_s"] for r in rows if r["load"] == 0), math.nan)
     for row in rows:
+        row["of_engine_idle_rate"] = row["nonces_per_s"] / idle_rate if idle_rate > 0 else math.nan
         row["pure_poc_nonces_per_s"] = pure
         row["poc_fraction_of_pure"] = row["nonces_per_s"] / pure
         row["idle_share_filled"] = row["poc_fraction_of_pure"] / row["idle_share"] if row["idle_share"] > 0 else math.nan

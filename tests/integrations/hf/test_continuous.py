@@ -282,32 +282,50 @@ def test_chat_short_of_kv_preempts_poc_not_chat(model, pure):
     assert_equivalent(on["artifacts"], pure(nonces), on["collected"])
 
 
-def test_chat_only_steps_run_without_poc_hooks(model):
-    """PoC's module hooks are armed only for steps with PoC rows: a chat-only step runs the engine's own code."""
-    gen = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=0)
+def stepped_session(model, nonces, prompts, max_new, *, chat_after_first_nonce=False,
+                    max_batch_tokens=MAX_BATCH_TOKENS, on_step=None, **poc_options):
+    """Chat + continuous PoC on a fresh manager until everything is done. Returns (cp, per_step): the
+    (PoC rows, all rows) of every engine step; ``on_step(cp)`` is also called at each step's start."""
+    gen = GenerationConfig(max_new_tokens=max(max_new), do_sample=False, eos_token_id=-1, pad_token_id=0)
     mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb_config(
-        max_batch_tokens=MAX_BATCH_TOKENS, num_blocks=64, page_size=16, max_requests_per_batch=16))
-    cp = ContinuousPoC(model, mgr, mode="fixed-share", governor_options={"fixed_share": 0.25})
+        max_batch_tokens=max_batch_tokens, num_blocks=64, page_size=16, max_requests_per_batch=16))
+    cp = ContinuousPoC(model, mgr, **poc_options)
     per_step, handle = count_rows_per_step(model, mgr)
-    hooks = []  # PoC hooks present on (model, first layer, lm_head) at each step
-    probe = model.register_forward_pre_hook(lambda m, a, k: hooks.append(
-        (len(model._forward_pre_hooks) - 2, len(cp.layers[0]._forward_hooks), len(model.lm_head._forward_pre_hooks))),
-        with_kwargs=True)
-    prompts, max_new = chat_workload(seed=5, n=4)
-    try:
+    extra = model.register_forward_pre_hook(lambda m, a, k: on_step(cp), with_kwargs=True) if on_step else None
+
+    def add_chat():
         for p, m in zip(prompts, max_new):
             mgr.add_request(p, max_new_tokens=m)
-        cp.start(BH, PK, iter(range(900, 903)), SEQ_LEN)
+
+    try:
+        if not chat_after_first_nonce:
+            add_chat()
+        cp.start(BH, PK, iter(nonces), SEQ_LEN)
         mgr.start()
+        if chat_after_first_nonce:  # PoC in flight, then chat arrives
+            assert cp.wait(nonces=1, timeout=TIMEOUT)
+            add_chat()
         for _ in prompts:
             assert mgr.get_result(timeout=TIMEOUT) is not None
-        assert cp.wait(nonces=3, timeout=TIMEOUT)
+        assert cp.wait(nonces=len(nonces), timeout=TIMEOUT)
         cp.stop()
     finally:
         mgr.stop(block=True, timeout=TIMEOUT)
         cp.detach()
         handle.remove()
-        probe.remove()
+        if extra is not None:
+            extra.remove()
+    return cp, per_step
+
+
+def test_chat_only_steps_run_without_poc_hooks(model):
+    """PoC's module hooks are armed only for steps with PoC rows: a chat-only step runs the engine's own code."""
+    hooks = []  # PoC hooks present on (model, first layer, lm_head) at each step (2 model pre-hooks are the test's)
+    prompts, max_new = chat_workload(seed=5, n=4)
+    cp, per_step = stepped_session(
+        model, range(900, 903), prompts, max_new, mode="fixed-share", governor_options={"fixed_share": 0.25},
+        on_step=lambda cp: hooks.append((len(model._forward_pre_hooks) - 2, len(cp.layers[0]._forward_hooks),
+                                         len(model.lm_head._forward_pre_hooks))))
     assert len(hooks) == len(per_step)
     kinds = {(poc > 0, n) for (poc, _), n in zip(per_step, hooks)}
     assert kinds == {(False, (0, 0, 0)), (True, (1, 1, 1))}, kinds  # both kinds of step happened
@@ -320,26 +338,8 @@ def test_fixed_cost_keeps_poc_out_of_chat_steps_except_probes(model, pure, monke
     monkeypatch.setattr(ContinuousPoC, "_fixed_cost", lambda self: 1.0)  # 1 s per step: far above 5 % of a step
     monkeypatch.setattr(ContinuousPoC, "PROBE_EVERY", 3)
     nonces = list(range(500, 506))
-    gen = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb_config(
-        max_batch_tokens=MAX_BATCH_TOKENS, num_blocks=64, page_size=16, max_requests_per_batch=16))
-    cp = ContinuousPoC(model, mgr)
-    per_step, handle = count_rows_per_step(model, mgr)
-    prompts, max_new = chat_workload(seed=8, n=4)
-    try:
-        cp.start(BH, PK, iter(nonces), SEQ_LEN)
-        mgr.start()
-        assert cp.wait(nonces=1, timeout=TIMEOUT)  # PoC in flight, then chat arrives
-        for p in prompts:
-            mgr.add_request(p, max_new_tokens=8)
-        for _ in prompts:
-            assert mgr.get_result(timeout=TIMEOUT) is not None
-        assert cp.wait(nonces=len(nonces), timeout=TIMEOUT)
-        cp.stop()
-    finally:
-        mgr.stop(block=True, timeout=TIMEOUT)
-        cp.detach()
-        handle.remove()
+    prompts, _ = chat_workload(seed=8, n=4)
+    cp, per_step = stepped_session(model, nonces, prompts, [8] * len(prompts), chat_after_first_nonce=True)
     st = cp.stats()
     mixed = [poc for poc, total in per_step if 0 < poc < total]
     assert all(poc <= ContinuousPoC.SMALL_POC_ROWS for poc in mixed), mixed
@@ -353,24 +353,8 @@ def test_fixed_share_budget_bounds_poc_rows_per_step(model, pure):
     """The glue adds no more PoC rows to a step than the governor allows (fixed-share: share × batch)."""
     nonces = list(range(300, 306))
     prompts, max_new = chat_workload(seed=21, n=5)
-    gen = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb_config(
-        max_batch_tokens=MAX_BATCH_TOKENS, num_blocks=64, page_size=16, max_requests_per_batch=16))
-    cp = ContinuousPoC(model, mgr, mode="fixed-share", governor_options={"fixed_share": 0.25})
-    per_step, handle = count_rows_per_step(model, mgr)
-    try:
-        for p, m in zip(prompts, max_new):
-            mgr.add_request(p, max_new_tokens=m)
-        cp.start(BH, PK, iter(nonces), SEQ_LEN)
-        mgr.start()
-        for _ in prompts:
-            assert mgr.get_result(timeout=TIMEOUT) is not None
-        assert cp.wait(nonces=len(nonces), timeout=TIMEOUT)
-        cp.stop()
-    finally:
-        mgr.stop(block=True, timeout=TIMEOUT)
-        cp.detach()
-        handle.remove()
+    cp, per_step = stepped_session(model, nonces, prompts, max_new, mode="fixed-share",
+                                   governor_options={"fixed_share": 0.25})
     assert max(p for p, _ in per_step) == MAX_BATCH_TOKENS // 4  # floor(0.25 * 32) and actually reached
     assert sum(p for p, _ in per_step) == len(nonces) * SEQ_LEN
     assert_equivalent({a.nonce: a.vector() for a in cp.collected}, pure(nonces), cp.collected)
@@ -382,24 +366,8 @@ def test_idle_max_tokens_bounds_idle_steps_only(model, pure):
     nonces = list(range(400, 408))
     big, idle = 96, SEQ_LEN  # the idle cap is one nonce's prefill; chat may use up to 96 tokens per step
     prompts = [[int(t) for t in np.random.default_rng(31 + i).integers(1, 500, size=30)] for i in range(3)]
-    gen = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb_config(
-        max_batch_tokens=big, num_blocks=64, page_size=16, max_requests_per_batch=16))
-    cp = ContinuousPoC(model, mgr, governor_options={"idle_max_tokens": idle})
-    per_step, handle = count_rows_per_step(model, mgr)  # (PoC rows, all rows) of every step
-    try:
-        for p in prompts:
-            mgr.add_request(p, max_new_tokens=3)
-        cp.start(BH, PK, iter(nonces), SEQ_LEN)
-        mgr.start()
-        for _ in prompts:
-            assert mgr.get_result(timeout=TIMEOUT) is not None
-        assert cp.wait(nonces=len(nonces), timeout=TIMEOUT)
-        cp.stop()
-    finally:
-        mgr.stop(block=True, timeout=TIMEOUT)
-        cp.detach()
-        handle.remove()
+    cp, per_step = stepped_session(model, nonces, prompts, [3] * len(prompts), max_batch_tokens=big,
+                                   governor_options={"idle_max_tokens": idle})
     idle_steps = [p for p, total in per_step if p == total and p > 0]
     chat_rows = [total - p for p, total in per_step]
     assert idle_steps and max(idle_steps) == idle  # capped, and the cap is reached
