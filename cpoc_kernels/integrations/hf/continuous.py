@@ -196,6 +196,8 @@ class _CBInternals:
     @staticmethod
     def restore(scheduler, hidden: tuple[dict, dict, list]) -> None:
         active, waiting, order = hidden
+        if not active and not waiting:
+            return
         for rid, s in active.items():
             scheduler.active_requests.setdefault(rid, s)
         for rid, s in waiting.items():
@@ -698,19 +700,22 @@ class ContinuousPoC:
               max_requests: int):
         """One call of the engine's own scheduler with only ``visible`` requests present.
         Returns (schedule, waiting requests left, starved requests). ``visible`` None: all requests."""
+        def outcome(result):
+            waiting = len(sched.waiting_requests)
+            head = next((sched.waiting_requests[r] for r in sched.waiting_requests_order
+                         if r in sched.waiting_requests), None) if waiting else None
+            return result, waiting, head, list(getattr(sched, "starved_requests", None) or [])
+
+        if visible is None and max_requests == sched.max_requests_per_batch:  # the engine's own call, as is
+            return outcome(original(token_budget, cache_budget))
         hidden = self._cb.hide(sched, visible) if visible is not None else ({}, {}, [])
         saved = sched.max_requests_per_batch
         sched.max_requests_per_batch = max_requests
         try:
-            result = original(token_budget, cache_budget)
-            waiting = len(sched.waiting_requests)
-            waiting_head = next((sched.waiting_requests[r] for r in sched.waiting_requests_order
-                                 if r in sched.waiting_requests), None)
-            starved = list(getattr(sched, "starved_requests", None) or [])
+            return outcome(original(token_budget, cache_budget))
         finally:
             sched.max_requests_per_batch = saved
             self._cb.restore(sched, hidden)
-        return result, waiting, waiting_head, starved
 
     def _make_schedule(self, sched, bp, original):
         def schedule_batch(token_budget: int, cache_budget: int):
@@ -819,7 +824,6 @@ class ContinuousPoC:
     def _schedule_poc(self, sched, bp, original, chat, token_budget, cache_budget, waiting, head, starved):
         tracker = self._tracker
         chat_batch, _, chat_q, chat_kv = chat
-        governor = self._ensure_governor(self._cb.cache(bp))
         fixed, chat_step = self._fixed_cost(), self._chat_step_ewma
         if (self.mode == "fill" and chat_q > 0 and fixed is not None and chat_step is not None
                 and fixed >= self.slo_overhead * chat_step and len(self._prepared) > 0
@@ -830,6 +834,7 @@ class ContinuousPoC:
             self._vetoes_since_probe += 1
             sched.starved_requests = starved
             return chat
+        governor = self._ensure_governor(self._cb.cache(bp))
         load = self._load(bp, chat, waiting, head, starved)
         with self._gov_lock:
             budget = governor.decide(load)
