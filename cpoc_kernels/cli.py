@@ -146,12 +146,13 @@ def _add_mixed_args(p: argparse.ArgumentParser, duration: float) -> None:
     p.add_argument("--duration", type=float, default=duration, help="seconds of chat per run (default %(default)s)")
     p.add_argument("--mode", default="fill", help="governor mode: fill, fixed-share, off (default %(default)s)")
     p.add_argument("--slo-overhead", type=float, default=0.05, help="allowed chat step-time increase (fill mode)")
-    p.add_argument("--max-batch-tokens", type=int, default=128, help="engine token budget per step")
+    p.add_argument("--max-batch-tokens", type=int, default=1024, help="engine token budget per step (default %(default)s)")
     p.add_argument("--num-blocks", type=int, default=256, help="KV cache blocks")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--max-requests", type=int, default=32, help="max requests per step")
-    p.add_argument("--idle-max-tokens", type=int, default=None,
-                   help="PoC tokens in a step without chat (default: the whole step)")
+    p.add_argument("--idle-max-tokens", type=int, default=512,
+                   help="PoC tokens in a step without chat (default %(default)s); bounds how long a chat request "
+                        "arriving during one waits")
     p.add_argument("--idle-max-ms", type=float, default=None,
                    help="predicted duration bound of a step without chat, i.e. about the longest a chat request "
                         "arriving during one waits (default: none)")
