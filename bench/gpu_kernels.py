@@ -53,7 +53,7 @@ def main() -> None:
     dst = torch.empty_like(src)
     copy_ms = bench(lambda: dst.copy_(src))
     copy_gbs = 2 * src.numel() / copy_ms / 1e6
-    del src, dst
+    src = dst = None  # free (the timed lambdas close over these names)
 
     # ---------------------------------------------------------------------------------- poc_inputs
     for stronger in (False, True):
@@ -76,7 +76,7 @@ def main() -> None:
             print(f"[check] poc_inputs {tag}: fp32 elements != torch CUDA: {nd32} / {f32.numel()}; "
                   f"bf16 != torch CUDA: {ndb}")
             del f32, ref32, refb
-        del out
+        out = None
 
     # ---------------------------------------------------------------------------------- masked_reflect_
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -105,7 +105,7 @@ def main() -> None:
             masked_reflect_triton(x, None, vv, torch.arange(4096, device=dev))
             neq = (x != want).any(dim=-1).sum().item()
             print(f"[check] masked_reflect_ H={h_}: rows != torch CUDA reference: {neq} / 4096")
-    del hidden, residual
+    hidden = residual = None
 
     # ---------------------------------------------------------------------------------- poc_readout
     hs = torch.randn(B, H, device=dev, generator=gen)

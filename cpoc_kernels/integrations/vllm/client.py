@@ -1,7 +1,9 @@
 """Client side: submit nonces to an ``LLM`` / ``AsyncLLM`` as ordinary requests, collect their artifacts.
 
-Artifacts are drained from the workers with ``collective_rpc("cpoc_drain")``; every TP rank computes the same
-rows, so records are merged per request id and checked to agree (a disagreement → RuntimeError).
+Artifacts are drained from the workers with ``collective_rpc("cpoc_drain", args=(keys,))``, each client taking
+only the (round, nonce) keys it submitted, so clients sharing an engine do not take each other's records; every
+TP rank computes the same rows, so records are merged per request id and checked to agree (a disagreement →
+RuntimeError).
 Admission for ``AsyncLLM`` is driven by the engine-independent :class:`~cpoc_kernels.governor.Governor`
 (concurrency window on the client, as the spec recommends; the engine's scheduler stays stock).
 """
@@ -67,6 +69,11 @@ def _key(round: PoCRound, nonce: int) -> tuple:
     return (round.block_hash, round.public_key, round.seq_len, int(nonce))
 
 
+def _drain_keys(wanted: set[tuple]) -> list[list]:
+    """The ``cpoc_drain`` argument for ``wanted`` keys (msgpack-safe lists)."""
+    return [list(key) for key in wanted]
+
+
 def _collect(records: Iterable[dict], wanted: set[tuple], result: PoCResult) -> set[tuple]:
     """Move the records of ``wanted`` (round, nonce) keys into ``result``; return the keys seen.
 
@@ -115,8 +122,10 @@ class CpocLLM:
             raise _missing_extension(exc) from exc
         return check_ready_results(results)
 
-    def drain(self) -> list[dict]:
-        return merge_worker_records(self.llm.collective_rpc("cpoc_drain"))
+    def drain(self, keys: Iterable[tuple] | None = None) -> list[dict]:
+        """Records from the workers: those of ``keys`` ((block_hash, public_key, seq_len, nonce)), or all."""
+        args = () if keys is None else (_drain_keys(set(keys)),)
+        return merge_worker_records(self.llm.collective_rpc("cpoc_drain", args=args))
 
     def stats(self) -> list[dict]:
         return self.llm.collective_rpc("cpoc_stats")
@@ -145,7 +154,7 @@ class CpocLLM:
         result = PoCResult()
         if nonces:
             wanted = {_key(round, n) for n in nonces}
-            for key in wanted - _collect(self.drain(), wanted, result):
+            for key in wanted - _collect(self.drain(wanted), wanted, result):
                 result.refused[key[3]] = "no artifact returned by the workers"
             _sort(result, nonces)
         return chat_out, result
@@ -197,6 +206,11 @@ class AsyncCpoc:
             raise _missing_extension(exc) from exc
         return check_ready_results(results)
 
+    async def _drain(self, wanted: set[tuple]) -> list[dict]:
+        if not wanted:
+            return []
+        return merge_worker_records(await self.engine.collective_rpc("cpoc_drain", args=(_drain_keys(wanted),)))
+
     async def _one(self, round: PoCRound, nonce: int, request_id: str) -> None:
         prompt, params = poc_request(round, nonce).to_vllm()
         async for _ in self.engine.generate(prompt, params, request_id):
@@ -226,8 +240,8 @@ class AsyncCpoc:
                                                        return_when=asyncio.FIRST_COMPLETED)
                 for task in finished:
                     task.result()
-            wanted -= _collect(merge_worker_records(await self.engine.collective_rpc("cpoc_drain")), wanted, result)
-        wanted -= _collect(merge_worker_records(await self.engine.collective_rpc("cpoc_drain")), wanted, result)
+            wanted -= _collect(await self._drain(wanted), wanted, result)
+        wanted -= _collect(await self._drain(wanted), wanted, result)
         for key in wanted:
             result.refused[key[3]] = "no artifact returned by the workers"
         return _sort(result, nonces)

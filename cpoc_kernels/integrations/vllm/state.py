@@ -381,11 +381,27 @@ class CpocWorkerState:
                         tracker.finish(c.request_id)
 
     # ----------------------------------------------------------------------------------------- results
-    def drain(self) -> list[dict]:
-        """Artifacts (and refusals, with ``vector_b64=None`` and ``error``) since the last drain; msgpack-safe."""
+    def drain(self, keys: Sequence[Sequence] | None = None) -> list[dict]:
+        """Artifacts (and refusals, with ``vector_b64=None`` and ``error``) since the last drain; msgpack-safe.
+
+        ``keys``: only the records of these ``[block_hash, public_key, seq_len, nonce]`` are taken, the others
+        stay for their own client (several clients may share one engine); None: all records."""
+        if keys is not None:
+            try:
+                wanted = {(str(k[0]), str(k[1]), int(k[2]), int(k[3])) for k in keys}
+            except (TypeError, ValueError, IndexError) as exc:
+                raise ValueError(f"drain keys must be [block_hash, public_key, seq_len, nonce] lists: {exc}") from None
         with self._lock:
-            out = list(self._artifacts)
+            if keys is None:
+                out = list(self._artifacts)
+                self._artifacts.clear()
+                return out
+            out, kept = [], []
+            for rec in self._artifacts:
+                key = (rec.get("block_hash"), rec.get("public_key"), rec.get("seq_len"), rec.get("nonce"))
+                (out if key in wanted else kept).append(rec)
             self._artifacts.clear()
+            self._artifacts.extend(kept)
         return out
 
     def stats(self) -> dict:

@@ -32,10 +32,11 @@ class CpocWorkerExtension:
                 "marked_norms": getattr(state, "marked_norms", 0) if state is not None else 0,
                 "has_logits_stage": bool(state is not None and state.has_logits_stage)}
 
-    def cpoc_drain(self) -> list[dict]:
-        """Artifacts computed since the last drain (and refusals: ``vector_b64`` None, ``error`` set)."""
+    def cpoc_drain(self, keys: list | None = None) -> list[dict]:
+        """Artifacts computed since the last drain (and refusals: ``vector_b64`` None, ``error`` set); with
+        ``keys`` (``[block_hash, public_key, seq_len, nonce]`` lists) only those, the rest stay for other clients."""
         state = attached_state()
-        return [] if state is None or not state.has_logits_stage else state.drain()
+        return [] if state is None or not state.has_logits_stage else state.drain(keys)
 
     def cpoc_stats(self) -> dict:
         state = attached_state()

@@ -99,6 +99,23 @@ def test_refusals_and_slot_exhaustion():
     assert state.buffers.counts.tolist() == [4]
 
 
+def test_drain_by_keys_leaves_other_clients_records():
+    """Two clients on one engine: each drains only the (round, nonce) keys it submitted."""
+    state = _state(slots=1)
+    other = PoCRound("other-block", "pubkey", seq_len=8)
+    views = {"a": _view(ROUND, 1), "b": _view(other, 2), "c": _view(ROUND, 3), "bad": RequestView({"cpoc": 3}, True, 1, 8)}
+    state.begin_step(["a", "b", "c", "bad"], [0, 4, 8, 10, 18], [0, 0, 2, 0], views.get)  # b, c, bad refused
+    mine = state.drain([["other-block", "pubkey", 8, 2], ["block", "pubkey", 8, 99]])
+    assert [(r["nonce"], r["block_hash"]) for r in mine] == [(2, "other-block")]
+    assert state.drain([["other-block", "pubkey", 8, 2]]) == []  # taken once
+    theirs = state.drain([("block", "pubkey", 8, 3)])
+    assert [r["nonce"] for r in theirs] == [3]
+    rest = state.drain()  # no keys: everything left (the malformed request's refusal, which has no round)
+    assert len(rest) == 1 and rest[0]["nonce"] is None and "block_hash" not in rest[0]
+    with pytest.raises(ValueError, match="drain keys"):
+        state.drain([["block", "pubkey"]])
+
+
 def test_merge_worker_records_checks_ranks_agree():
     rec = {"request_id": "r", "vector_b64": "x"}
     assert merge_worker_records([[rec], [dict(rec)]]) == [rec]
