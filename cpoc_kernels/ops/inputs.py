@@ -67,8 +67,12 @@ def normals_from_seeds_cpu(seeds: torch.Tensor, n: int) -> torch.Tensor:
         rows = [normal_reference(s[0], n) if len(s) == 1 else stronger_normal_reference(s, n) for s in table]
         return torch.stack(rows) if rows else torch.empty(0, n)
     buf = np.empty((len(table), n), dtype=np.float32)
-    if table:
-        with ThreadPoolExecutor(max_workers=max(1, min(len(table), torch.get_num_threads()))) as pool:
+    workers = min(len(table), torch.get_num_threads())
+    if workers <= 1:  # one row or one thread: no pool to start and join
+        for b, seeds_b in enumerate(table):
+            _fill_seeds(lib, buf[b], seeds_b)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(lambda b: _fill_seeds(lib, buf[b], table[b]), range(len(table))))
     return torch.from_numpy(buf)
 
