@@ -249,7 +249,6 @@ def cb_config(max_batch_tokens: int = 256, num_blocks: int = 256, page_size: int
 class _Step:
     """What the hooks of one forward step share (engine thread only)."""
 
-    total_rows: int
     rows: PoCRows | None = None
     lm_keep: list[int] | None = None  # lm_head input rows that are chat (None: no PoC logits this step)
     lm_rows_in: int = 0
@@ -326,7 +325,6 @@ class ContinuousPoC:
         self._failed: str | None = None
         self._error: BaseException | None = None
         self._step: _Step | None = None
-        self._handles: list = []
         self._patched: list[tuple[Any, str, Any]] = []
         self._counters = dict(steps=0, poc_steps=0, chat_tokens=0, poc_tokens=0, nonces_admitted=0, nonces_done=0,
                               nonces_dropped_nan=0, nonces_split=0, nonces_preempted=0, poc_tokens_discarded=0,
@@ -356,7 +354,7 @@ class ContinuousPoC:
         m = self.model
         # the hooks, armed by the scheduler wrapper only for steps with PoC rows (a module with hooks leaves
         # PyTorch's fast call path: on a chat-only step each hook would cost a few µs per module for nothing)
-        self._compute_hooks = [
+        self._hook_specs = [
             (functools.partial(m.register_forward_pre_hook, with_kwargs=True), self._guard(self._on_step_start)),
             (m.register_forward_hook, self._guard(self._on_step_end)),
             (self.embed.register_forward_hook, self._guard(self._on_embed)),
@@ -384,9 +382,6 @@ class ContinuousPoC:
             self._running = False
         self._stop_worker()
         self._disarm()
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
         for obj, name, old in reversed(self._patched):
             if old is None:
                 try:
@@ -401,7 +396,7 @@ class ContinuousPoC:
         """Register the PoC hooks (engine thread, between forwards)."""
         if not self._armed:
             # prepend: PoC's hooks run before any hook registered since attach, as if registered at attach
-            self._armed = [register(hook, prepend=True) for register, hook in self._compute_hooks]
+            self._armed = [register(hook, prepend=True) for register, hook in self._hook_specs]
 
     def _disarm(self) -> None:
         for handle in self._armed:
@@ -784,13 +779,11 @@ class ContinuousPoC:
         if head is not None:
             need += pages(len(getattr(head, "remaining_prefill_tokens", ())) + 1)
         held = sum(pages(st.computed) for st in tracker.states() if not st.done)
-        fields = dict(chat_tokens=int(chat_q), kv_tokens_free=max(0, kv_free), chat_decode_requests=decode_reqs,
-                      chat_prefill_tokens=int(chat_q) - decode_reqs, waiting_chat_requests=waiting,
-                      poc_tokens_pending=tracker.pending_tokens, poc_kv_tokens_held=held,
-                      waiting_chat_kv_tokens=need, poc_fixed_seconds=self._fixed_cost() or 0.0,
-                      probe_tokens=self.SMALL_POC_ROWS if self._vetoes_since_probe >= self.PROBE_EVERY else 0)
-        known = getattr(StepLoad, "__dataclass_fields__", fields)
-        return StepLoad(**{k: v for k, v in fields.items() if k in known})
+        return StepLoad(chat_tokens=int(chat_q), kv_tokens_free=max(0, kv_free), chat_decode_requests=decode_reqs,
+                        chat_prefill_tokens=int(chat_q) - decode_reqs, waiting_chat_requests=waiting,
+                        poc_tokens_pending=tracker.pending_tokens, poc_kv_tokens_held=held,
+                        waiting_chat_kv_tokens=need, poc_fixed_seconds=self._fixed_cost() or 0.0,
+                        probe_tokens=self.SMALL_POC_ROWS if self._vetoes_since_probe >= self.PROBE_EVERY else 0)
 
     def _preempt_for_chat(self, sched, bp, chat, waiting, head, starved) -> bool:
         """Free the KV the governor asks for by preempting in-flight PoC nonces (newest first); True if any."""
@@ -896,7 +889,7 @@ class ContinuousPoC:
         cu = kwargs.get("cu_seq_lens_q")
         pos = kwargs.get("position_ids")
         num_rows = int(pos.shape[-1]) if torch.is_tensor(pos) else 0
-        step = _Step(total_rows=num_rows, thread=threading.get_ident())
+        step = _Step(thread=threading.get_ident())
         self._step = step
         if tracker is None or not len(tracker) or cu is None or pos is None:
             return None
