@@ -20,6 +20,19 @@ def primitives():
     return json.loads((GOLDEN_DIR / "pocv2_primitives.json").read_text())
 
 
+@pytest.fixture
+def cli(capsys):
+    """Run ``cpoc ARGV`` in this process: returns (exit code, stdout, stderr)."""
+    from cpoc_kernels.cli import main
+
+    def run(argv):
+        code = main(argv)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -7,24 +7,18 @@ from cpoc_kernels.artifacts import ArtifactFile
 from cpoc_kernels.cli import main, parse_nonces
 
 
-def run(argv, capsys):
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_generate_then_validate_honest_file(tmp_path, capsys):
+def test_generate_then_validate_honest_file(tmp_path, cli):
     out = tmp_path / "a.json"
-    code, stdout, _ = run(["generate", "--nonces", "0:6", "--seq-len", "8", "--batch-size", "4", "--out", str(out)], capsys)
+    code, stdout, _ = cli(["generate", "--nonces", "0:6", "--seq-len", "8", "--batch-size", "4", "--out", str(out)])
     assert code == 0 and "6 artifacts" in stdout
     doc = json.loads(out.read_text())
     assert [a["nonce"] for a in doc["artifacts"]] == list(range(6))
     assert doc["encoding"] == {"dtype": "f16", "k_dim": 12, "endian": "le"}
-    code, stdout, _ = run(["validate", str(out), "--batch-size", "5"], capsys)
+    code, stdout, _ = cli(["validate", str(out), "--batch-size", "5"])
     assert code == 0 and "0/6 mismatches" in stdout and "fraud=False" in stdout
 
 
-def test_validate_flags_a_tampered_file(tmp_path, capsys):
+def test_validate_flags_a_tampered_file(tmp_path, capsys, cli):
     honest = tmp_path / "h.json"
     other = tmp_path / "o.json"
     assert main(["generate", "--nonces", "0:12", "--seq-len", "8", "--out", str(honest)]) == 0
@@ -33,7 +27,7 @@ def test_validate_flags_a_tampered_file(tmp_path, capsys):
     doc.artifacts = fake.artifacts  # vectors computed for another block: fabricated for this round
     doc.save(honest)
     capsys.readouterr()
-    code, stdout, _ = run(["validate", str(honest)], capsys)
+    code, stdout, _ = cli(["validate", str(honest)])
     assert code == 1 and "12/12 mismatches" in stdout and "fraud=True" in stdout
 
 
@@ -50,9 +44,9 @@ def test_validate_flags_a_tampered_file(tmp_path, capsys):
         (["generate", "--bogus"], "arguments"),
     ],
 )
-def test_bad_arguments_give_one_line_and_exit_2(argv, fragment, capsys, tmp_path, monkeypatch):
+def test_bad_arguments_give_one_line_and_exit_2(argv, fragment, cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, _, err = run(argv, capsys)
+    code, _, err = cli(argv)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cpoc: error:") and fragment in lines[0]

@@ -9,21 +9,14 @@ import pytest
 pytest.importorskip("transformers")
 
 from cpoc_kernels.artifacts import ArtifactFile  # noqa: E402
-from cpoc_kernels.cli import main  # noqa: E402
 
 TINY = ["--seq-len", "16", "--max-batch-tokens", "32", "--num-blocks", "64", "--max-requests", "8",
         "--prompt-len", "4:12", "--output-len", "2:5"]
 
 
-def run(argv, capsys):
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_demo_mixed_writes_and_validates_artifacts(tmp_path, capsys):
+def test_demo_mixed_writes_and_validates_artifacts(tmp_path, cli):
     out = tmp_path / "demo.json"
-    code, stdout, err = run(["demo", "--duration", "1", "--chat-rate", "15", "--out", str(out), *TINY], capsys)
+    code, stdout, err = cli(["demo", "--duration", "1", "--chat-rate", "15", "--out", str(out), *TINY])
     assert code == 0, stdout + err
     assert "chat latency p50" in stdout and "with PoC" in stdout and "chat outputs identical: True" in stdout
     assert "nonces/s" in stdout and "PoC share of tokens" in stdout
@@ -35,19 +28,19 @@ def test_demo_mixed_writes_and_validates_artifacts(tmp_path, capsys):
     assert "chat requests" in err  # progress bar on stderr
     # the file is the fleet format the validator reads
     assert json.loads(out.read_text())["encoding"] == {"dtype": "f16", "k_dim": 12, "endian": "le"}
-    code, stdout, _ = run(["validate", str(out)], capsys)
+    code, stdout, _ = cli(["validate", str(out)])
     assert code == 0 and f"0/{len(doc.artifacts)} mismatches" in stdout
 
 
-def test_demo_pure_still_reachable(tmp_path, capsys):
+def test_demo_pure_still_reachable(tmp_path, cli):
     out = tmp_path / "pure.json"
-    code, stdout, _ = run(["demo", "--pure", "--nonces", "6", "--seq-len", "8", "--out", str(out)], capsys)
+    code, stdout, _ = cli(["demo", "--pure", "--nonces", "6", "--seq-len", "8", "--out", str(out)])
     assert code == 0 and "generated 6 artifacts" in stdout and "0/6 mismatches" in stdout
 
 
-def test_bench_mixed_writes_csv_and_png(tmp_path, capsys):
-    code, stdout, err = run(["bench-mixed", "--loads", "0,0.5", "--duration", "0.6", "--out-dir", str(tmp_path),
-                             "--tag", "t", *TINY], capsys)
+def test_bench_mixed_writes_csv_and_png(tmp_path, cli):
+    code, stdout, err = cli(["bench-mixed", "--loads", "0,0.5", "--duration", "0.6", "--out-dir", str(tmp_path),
+                             "--tag", "t", *TINY])
     assert code == 0, stdout + err
     rows = list(csv.DictReader(open(tmp_path / "t.csv")))
     assert [float(r["load"]) for r in rows] == [0.0, 0.5]
@@ -75,9 +68,9 @@ def test_bench_mixed_writes_csv_and_png(tmp_path, capsys):
     (["bench-mixed", "--idle-max-ms", "0"], "--idle-max-ms must be positive"),
     (["demo", "--idle-max-tokens", "-3"], "--idle-max-tokens must be positive"),
 ])
-def test_bad_mixed_arguments_one_line_exit_2(argv, fragment, capsys, tmp_path, monkeypatch):
+def test_bad_mixed_arguments_one_line_exit_2(argv, fragment, cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, _, err = run(argv, capsys)
+    code, _, err = cli(argv)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cpoc: error:") and fragment in lines[0]
