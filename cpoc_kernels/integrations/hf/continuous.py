@@ -175,6 +175,13 @@ class _CBInternals:
         if event is not None:
             event.set()
 
+    @staticmethod
+    def set_wake_event(manager, event) -> None:
+        """Replace the generation loop's wake-up event (the loop waits on it only when nothing is schedulable):
+        the bench times the engine's idle capacity with it."""
+        _require(manager, "_wake_up_loop", "ContinuousBatchingManager")
+        manager._wake_up_loop = event
+
     def new_request_state(self, request_id: str, tokens: list[int]):
         return self._request_state_cls(request_id=request_id, initial_tokens=tokens, max_new_tokens=1,
                                        eos_token_id=-1)

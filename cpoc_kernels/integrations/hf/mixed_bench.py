@@ -19,7 +19,7 @@ import numpy as np
 
 from cpoc_kernels.artifacts import Artifact, ArtifactFile
 
-from .continuous import ContinuousPoC, cb_config
+from .continuous import ContinuousPoC, _CBInternals, cb_config
 from .runner import PoCRunner
 
 
@@ -95,8 +95,8 @@ def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
 
 
 class _IdleClock(threading.Event):
-    """The CB loop's wake-up event, timing how long the loop waits with nothing to do (transformers 5.20–5.24:
-    ``ContinuousBatchingManager._wake_up_loop``; the loop waits on it only when nothing is schedulable)."""
+    """The CB loop's wake-up event (installed by ``_CBInternals.set_wake_event``), timing how long the loop
+    waits with nothing to do."""
 
     def __init__(self):
         super().__init__()
@@ -131,7 +131,8 @@ def run_session(model, settings: EngineSettings, requests: Sequence[tuple[list[i
     arrival to last completion), PoC nonces still in flight at its end are drained.
     """
     mgr = _manager(model, settings)
-    idle = mgr._wake_up_loop = _IdleClock()
+    idle = _IdleClock()
+    _CBInternals.set_wake_event(mgr, idle)
     cp = None
     if poc:
         rnd = rnd or Round()
