@@ -2,7 +2,9 @@
 
 Per row b: ``x = hs/(||hs||+1e-8)`` (fp32), gather the k picked coordinates (spec's CUDA order), 11 (k-1)
 seeded Householder steps ``y = y - (2*(y·u_j))*u_j`` with ``u_j = n_j/(||n_j||+1e-30)``, ``y/(||y||+1e-8)``,
-fp16 RNE -> ``[B, k]`` and the 24-byte little-endian payloads. Rows with NaN/Inf are reported, not emitted.
+fp16 RNE -> ``[B, k]`` and the 24-byte little-endian payloads. Only finite unit vectors of finite states are
+emitted (``reference.is_emittable``): rows with NaN/±Inf in ``hs``, a zero or overflowing norm, or a vector
+that is not finite or not unit in fp16 are reported in ``nan_rows``, with payload None.
 
 Host side (bit-exact integers): pick indices (``reference.pick_indices``), Haar seeds (SHA-256). The Haar
 normals n_j come from the Triton normals kernel on the Triton path (libdevice on GPU) and from the torch
@@ -22,7 +24,7 @@ import triton
 import triton.language as tl
 
 from cpoc_kernels.reference.codec import vector_bytes
-from cpoc_kernels.reference.readout import K_DIM
+from cpoc_kernels.reference.readout import K_DIM, is_emittable
 from cpoc_kernels.reference.readout import output_stage as output_stage_reference  # noqa: F401 (reference beside it)
 from cpoc_kernels.reference.rng import mmh, normal_rows
 from cpoc_kernels.reference.seeds import haar_seed, pick_seed
@@ -32,8 +34,8 @@ from .inputs import normals_into_triton
 
 
 class ReadoutResult(NamedTuple):
-    """vectors: fp16 [B, k] (NaN/Inf rows kept as computed); emittable: bool [B] (CPU); payloads: per row the
-    2k-byte little-endian fp16 payload, or None for a row that must not be emitted."""
+    """vectors: fp16 [B, k] (every row as computed, dropped ones included); emittable: bool [B] (CPU);
+    payloads: per row the 2k-byte little-endian fp16 payload, or None for a row that must not be emitted."""
 
     vectors: torch.Tensor
     emittable: torch.Tensor
@@ -41,7 +43,8 @@ class ReadoutResult(NamedTuple):
 
     @property
     def nan_rows(self) -> list[int]:
-        """Rows that are reported, not emitted (a NaN or Inf in the fp16 vector)."""
+        """Rows that are reported, not emitted: non-finite hidden state (NaN/±Inf), zero or overflowing norm,
+        or an fp16 vector that is not a finite unit vector (``reference.is_emittable``)."""
         return [i for i, ok in enumerate(self.emittable.tolist()) if not ok]
 
 
@@ -203,6 +206,9 @@ def poc_readout(
     else:
         vec = readout_torch(hs, idx, haar)
     vec_cpu = vec.cpu()
-    ok = torch.isfinite(vec_cpu).all(dim=-1) if len(nonces) else torch.zeros(0, dtype=torch.bool)
+    if len(nonces):  # the state check is one reduction on hs's device, then [B] bools to the host
+        ok = is_emittable(vec_cpu) & torch.isfinite(hs).all(dim=-1).cpu()
+    else:
+        ok = torch.zeros(0, dtype=torch.bool)
     payloads = [vector_bytes(vec_cpu[b], k) if ok[b] else None for b in range(len(nonces))]
     return ReadoutResult(vec, ok, payloads)

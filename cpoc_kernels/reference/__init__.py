@@ -6,12 +6,13 @@ from .codec import decode_payload, decode_vector, encode_vector, vector_bytes
 from .householder import layer_vector, reflect
 from .inputs import nonce_normals, poc_inputs
 from .nonces import NonceIterator
-from .readout import K_DIM, haar_vectors, is_emittable, output_stage, pick_indices, rotate_picked
+from .readout import K_DIM, UNIT_TOL, haar_vectors, is_emittable, output_stage, pick_indices, rotate_picked
 from .rng import mmh, normal, stronger_normal, uniform
 from .seeds import seed32
 
 __all__ = [
     "K_DIM",
+    "UNIT_TOL",
     "NonceIterator",
     "decode_payload",
     "decode_vector",

@@ -14,6 +14,9 @@ from .rng import mmh, normal
 from .seeds import haar_seed, pick_seed
 
 K_DIM = 12
+# An emitted artifact must be a unit vector: | ||v16||_2 - 1 | <= UNIT_TOL (fp16 rounding moves the norm by
+# <= ~2^-11; rows whose picked coordinates vanish, overflow or are NaN fall far outside).
+UNIT_TOL = 2.0**-7
 
 
 def pick_indices(block_hash: str, public_key: str, nonce: int, hidden: int, k: int = K_DIM) -> list[int]:
@@ -52,7 +55,8 @@ def output_stage(
     """Final hidden states ``hs`` [B, H] (cast to fp32) → artifact vectors [B, k] float16.
 
     x = hs/(||hs||+1e-8); gather the picked coordinates; 11 seeded reflections; renormalise; fp16 RNE.
-    Rows containing NaN stay NaN here; callers drop them (``is_emittable``).
+    Rows containing NaN stay NaN here, ±Inf/zero/overflowing rows give NaN or zero vectors; callers drop
+    them (``is_emittable(vectors, hs)``).
     """
     if hs.dim() != 2 or hs.shape[0] != len(nonces):
         raise ValueError(f"hs must be [len(nonces), H], got {tuple(hs.shape)} for {len(nonces)} nonces")
@@ -66,6 +70,20 @@ def output_stage(
     return out
 
 
-def is_emittable(vectors: torch.Tensor) -> torch.Tensor:
-    """Row mask of artifact vectors [B, k] that may be emitted: all entries finite."""
-    return torch.isfinite(vectors).all(dim=-1)
+def is_emittable(vectors: torch.Tensor, hs: torch.Tensor | None = None) -> torch.Tensor:
+    """Row mask [B] (bool, on ``vectors``' device) of the artifact vectors [B, k] that may be emitted: finite
+    unit vectors (``| ||v|| - 1 | <= UNIT_TOL``, norm in fp32) computed from finite hidden states ``hs`` [B, H].
+
+    The network's runner drops rows with a NaN in ``hs`` or in the fp16 vector, but emits the all-zero vector
+    that a ±Inf state (no Inf coordinate picked), an all-zero state or an overflowing norm produce (the same
+    zero for every nonce); those rows are not emitted here either.
+    """
+    v = vectors.to(torch.float32)
+    ok = torch.isfinite(v).all(dim=-1)
+    norm = torch.linalg.vector_norm(torch.where(ok[:, None], v, torch.zeros_like(v)), dim=-1)
+    ok &= (norm - 1.0).abs() <= UNIT_TOL
+    if hs is not None:
+        if hs.shape[0] != vectors.shape[0]:
+            raise ValueError(f"hs has {hs.shape[0]} rows for {vectors.shape[0]} vectors")
+        ok &= torch.isfinite(hs).all(dim=-1).to(ok.device)
+    return ok

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,7 +115,8 @@ def test_nan_rows_reported_not_emitted(backend):
     hs[4, pick_table("bh", "pk", [14], 64)[0, 4] ^ 1] = float("inf")  # maybe unpicked: as the reference says
     res = ops.poc_readout(hs, "bh", "pk", [10, 11, 12, 13, 14], backend=backend)
     ref = R.output_stage(hs, "bh", "pk", [10, 11, 12, 13, 14])
-    assert R.is_emittable(ref).tolist() == res.emittable.tolist()
+    assert R.is_emittable(ref, hs).tolist() == res.emittable.tolist() == [True, False, True, False, False]
+    assert res.nan_rows == [1, 3, 4]  # issue 12: an unpicked Inf gave an all-zero artifact, not reported
     hs[4] = torch.randn(64, generator=gen)
     res = ops.poc_readout(hs, "bh", "pk", [10, 11, 12, 13, 14], backend=backend)
     assert res.emittable.tolist() == [True, False, True, False, True]
@@ -122,6 +124,40 @@ def test_nan_rows_reported_not_emitted(backend):
     assert res.payloads[1] is None and res.payloads[3] is None
     for b in (0, 2, 4):
         assert res.payloads[b] == R.vector_bytes(res.vectors[b])
+
+
+def _inf_unpicked_row(nonce, hidden, gen):
+    row = torch.randn(hidden, generator=gen)
+    picked = set(pick_table("bh", "pk", [nonce], hidden)[0].tolist())
+    row[next(i for i in range(hidden) if i not in picked)] = float("-inf")
+    return row
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_degenerate_states_are_never_emitted(backend, dtype):
+    """Regression (issue 12): ±Inf (unpicked), all-zero and norm-overflowing rows gave the same all-zero vector for
+    every nonce and were emitted. Only finite unit vectors from finite states are emitted; the rest are reported."""
+    gen = torch.Generator().manual_seed(21)
+    hidden, nonces = 64, [30, 31, 32, 33, 34, 35, 36]
+    hs = torch.randn(len(nonces), hidden, generator=gen)
+    hs[1] = _inf_unpicked_row(nonces[1], hidden, gen)
+    hs[2] = 0.0
+    hs[3] = float("inf") if dtype == torch.float16 else 3e38  # fp32 sum of squares overflows: x = hs / inf
+    # (an fp16 row cannot overflow it: 65504^2 * H < fp32 max, so the fp16 case uses an all-Inf row)
+    hs[4, 5] = float("nan")
+    hs[5] = 1e-30 if dtype != torch.float16 else 0.0  # squares underflow to 0
+    hs = hs.to(dtype)
+    res = ops.poc_readout(hs, "bh", "pk", nonces, backend=backend)
+    assert res.emittable.tolist() == [True, False, False, False, False, False, True]
+    assert res.nan_rows == [1, 2, 3, 4, 5]
+    assert [p is None for p in res.payloads] == [False, True, True, True, True, True, False]
+    for b in (0, 6):
+        v = R.decode_payload(res.payloads[b])
+        assert abs(float(np.linalg.norm(v.astype(np.float64))) - 1) <= R.UNIT_TOL
+    assert R.is_emittable(R.output_stage(hs, "bh", "pk", nonces), hs).tolist() == res.emittable.tolist()
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
