@@ -13,7 +13,6 @@ CPU torch (a few fp32 ulp apart). bf16/fp16 outputs are the RNE cast of the fp32
 """
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,6 +28,7 @@ from cpoc_kernels.reference.rng import normal as normal_reference
 from cpoc_kernels.reference.rng import stronger_normal as stronger_normal_reference
 from cpoc_kernels.reference.seeds import input_seed_string, seed32, stronger_sub_seeds
 
+from ._checks import check_flag, check_int, check_nonces, check_round_strings
 from ._common import _store_from_f32, check_backend, dtype_kind, kernel_view, launch_opts, math_mode
 
 NSEG_STRONGER = 8
@@ -295,19 +295,24 @@ def poc_inputs(
     CPU torch reference (bit-equal to torch CUDA expected on GPU, both libdevice).
     backend: "auto" (Triton on CUDA, C++ on CPU), "triton" (CPU only under TRITON_INTERPRET=1), "torch".
     """
-    if dtype not in SUPPORTED_INPUT_DTYPES:
-        raise ValueError(f"dtype must be one of {SUPPORTED_INPUT_DTYPES}, got {dtype}")
-    try:
-        seq_len, hidden, row_offset = operator.index(seq_len), operator.index(hidden), operator.index(row_offset)
-    except TypeError:
-        raise ValueError(f"seq_len, hidden and row_offset must be ints, got {seq_len!r}, {hidden!r}, {row_offset!r}") from None
+    check_round_strings(block_hash, public_key)
+    stronger_rng = check_flag("stronger_rng", stronger_rng)
+    if not isinstance(dtype, torch.dtype) or dtype not in SUPPORTED_INPUT_DTYPES:
+        raise ValueError(f"dtype must be one of {SUPPORTED_INPUT_DTYPES}, got {dtype!r}")
+    seq_len, hidden, row_offset = (check_int("seq_len", seq_len), check_int("hidden", hidden),
+                                   check_int("row_offset", row_offset))
     if seq_len <= 0 or hidden <= 0:
         raise ValueError(f"seq_len and hidden must be positive, got {seq_len}, {hidden}")
     if seq_len * hidden >= 2**31:
         raise ValueError(f"seq_len*hidden must be < 2**31 (int32 element keys), got {seq_len * hidden}")
     if row_offset < 0:
         raise ValueError(f"row_offset must be a non-negative int, got {row_offset!r}")
-    nonces = [int(x) for x in nonces]
+    nonces = check_nonces(nonces)
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"device must name a torch device, got {device!r}"[:120]) from None
     nb = len(nonces)
     if out is None:
         if row_offset != 0:
@@ -321,6 +326,8 @@ def poc_inputs(
             raise ValueError(f"out has dtype {out.dtype}, expected {dtype}")
         if out.stride(1) != 1:
             raise ValueError("out must have unit stride along the hidden dimension")
+        if out.shape[0] > 1 and out.stride(0) < hidden:
+            raise ValueError(f"out rows overlap in memory (row stride {out.stride(0)} < hidden {hidden})")
         if device is not None and torch.device(device) != out.device:
             if not (torch.device(device).type == out.device.type and torch.device(device).index is None):
                 raise ValueError(f"device {device} does not match out.device {out.device}")

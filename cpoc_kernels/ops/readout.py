@@ -30,6 +30,7 @@ from cpoc_kernels.reference.rng import mmh, normal_rows
 from cpoc_kernels.reference.seeds import haar_seed, pick_seed
 
 from ._common import FLOAT_DTYPES, _load_f32, check_backend, dtype_kind, kernel_view, launch_opts
+from ._checks import check_nonces, check_round_strings
 from .inputs import normals_into_triton
 
 
@@ -184,10 +185,11 @@ def poc_readout(
         raise ValueError(f"hs must be a 2-D [B, H] tensor, got {getattr(hs, 'shape', type(hs))}")
     if hs.dtype not in FLOAT_DTYPES:
         raise ValueError(f"hs dtype must be one of {FLOAT_DTYPES}, got {hs.dtype}")
-    nonces = [int(n) for n in nonces]
+    check_round_strings(block_hash, public_key)
+    nonces = check_nonces(nonces)
     if hs.shape[0] != len(nonces):
         raise ValueError(f"hs must be [len(nonces), H], got {tuple(hs.shape)} for {len(nonces)} nonces")
-    if not isinstance(k, int) or not 0 < k <= hs.shape[1]:
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= hs.shape[1]:
         raise ValueError(f"need 0 < k <= hidden, got k={k}, hidden={hs.shape[1]}")
     path = check_backend(backend, hs.device)
     if hs.stride(1) != 1:

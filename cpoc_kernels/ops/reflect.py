@@ -23,6 +23,7 @@ exactness:
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -31,6 +32,7 @@ import triton.language as tl
 
 from cpoc_kernels.reference.householder import reflect as reflect_reference
 
+from ._checks import check_unit_vector
 from ._common import (
     FLOAT_DTYPES,
     _load_f32,
@@ -216,11 +218,14 @@ _MASK_DTYPES = (torch.bool, torch.uint8)
 
 def _rows_index(rows, n: int, device: torch.device) -> torch.Tensor:
     if isinstance(rows, torch.Tensor):
+        if rows.dtype == torch.uint8:
+            raise ValueError("rows of dtype uint8 are ambiguous (indices here, a mask in masked_reflect_rows_mask_): "
+                             "pass int64 indices or a bool mask")
         if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dim() != 1:
             raise ValueError(f"rows must be a 1-D integer index tensor or a bool mask, got {rows.dtype} {tuple(rows.shape)}")
         idx = rows.to(device=device, dtype=torch.int64)
-    elif isinstance(rows, (Sequence, range)):
-        if not all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
+    elif isinstance(rows, (Sequence, range)) and not isinstance(rows, (str, bytes)):
+        if not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in rows):
             raise ValueError("rows must be ints")
         idx = torch.tensor(list(rows), dtype=torch.int64, device=device)
     else:
@@ -262,6 +267,9 @@ def _check_tensors(hidden, residual, v) -> tuple[int, int]:
             raise ValueError("residual must not share memory with hidden")
     if not isinstance(v, torch.Tensor) or v.shape != (h,) or not v.dtype.is_floating_point:
         raise ValueError(f"v must be a floating [{h}] tensor, got {getattr(v, 'shape', type(v))}")
+    if v.device != hidden.device and v.device.type != "cpu":
+        raise ValueError(f"v is on {v.device}, hidden on {hidden.device}")
+    check_unit_vector(v)
     return n, h
 
 
@@ -270,8 +278,9 @@ def masked_reflect_(hidden: torch.Tensor, residual: torch.Tensor | None, v: torc
     """Reflect the selected rows of ``hidden`` and ``residual`` in place; other rows stay bit-identical.
 
     hidden, residual: [N, H] fp32/fp16/bf16 (same shape/dtype/device, unit column stride; residual may be
-    None); v: [H] unit vector (cast to fp32); rows: int index list/tensor (distinct, in [0, N)) or a bool
-    mask [N]. Exact per the module docstring (bit-equal to ``reference.reflect`` whenever the row's
+    None); v: [H] finite unit vector (cast to fp32; zero, NaN or non-unit → ValueError, checked once per tensor
+    version); rows: int index list/tensor (distinct, in [0, N)) or a bool mask [N] (uint8 is refused here:
+    ambiguous). Exact per the module docstring (bit-equal to ``reference.reflect`` whenever the row's
     bf16/fp16 dot is summation-order robust). An index list is validated on the host (a sync); a bool mask
     goes to :func:`masked_reflect_rows_mask_` as it is (never converted to indices: no host read).
     backend: "auto" (Triton on CUDA, torch on CPU), "triton", "torch".
@@ -296,8 +305,8 @@ def masked_reflect_rows_mask_(hidden: torch.Tensor, residual: torch.Tensor | Non
     """Reflect the rows of ``hidden`` and ``residual`` where ``row_mask`` (bool or uint8 [N], nonzero) is set.
 
     Same arithmetic and exactness as :func:`masked_reflect_` (the same kernel body); unselected rows are never
-    written by the Triton kernel. Validation reads metadata only (shapes, dtypes): no host sync, no
-    data-dependent shape — the launch has N programs whatever the mask holds (CUDA-graph callers use
+    written by the Triton kernel. Validation reads metadata only (shapes, dtypes) plus ``v``'s norm once per
+    tensor version (cached; skipped while a CUDA graph is captured): no per-call host sync, no data-dependent shape — the launch has N programs whatever the mask holds (CUDA-graph callers use
     ``torch.ops.cpoc.masked_reflect_rows_mask_`` on static buffers directly).
     """
     n, _ = _check_tensors(hidden, residual, v)

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .nonces import check_nonces
 from .rng import normal, stronger_normal
 from .seeds import input_seed_string, seed32, stronger_sub_seeds
 
@@ -39,9 +40,11 @@ def poc_inputs(
         raise ValueError(f"dtype must be one of {SUPPORTED_INPUT_DTYPES}, got {dtype}")
     if seq_len <= 0 or hidden <= 0:
         raise ValueError(f"seq_len and hidden must be positive, got {seq_len}, {hidden}")
+    if not isinstance(stronger_rng, bool):
+        raise ValueError(f"stronger_rng must be a bool, got {stronger_rng!r}")
     rows = [
-        nonce_normals(block_hash, public_key, int(n), seq_len * hidden, stronger_rng, device).view(seq_len, hidden)
-        for n in nonces
+        nonce_normals(block_hash, public_key, n, seq_len * hidden, stronger_rng, device).view(seq_len, hidden)
+        for n in check_nonces(nonces)
     ]
     if not rows:
         return torch.empty(0, seq_len, hidden, dtype=dtype, device=device)

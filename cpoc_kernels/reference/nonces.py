@@ -37,3 +37,37 @@ class NonceIterator:
 
     def take(self, n: int) -> list[int]:
         return list(itertools.islice(self, n))
+
+
+INT32_MIN = -(2**31)
+
+
+def check_nonces(nonces) -> list[int]:
+    """Nonces as Python ints in the chain's int32 range; anything else → ValueError.
+
+    Accepts a sequence/iterable of ints (numpy integers included) or a 1-D integer torch tensor.
+    Refused: bools, floats (even integral ones), strings, None, out-of-int32 values, a lone int or string.
+    """
+    import numbers
+
+    import torch
+
+    if isinstance(nonces, torch.Tensor):
+        if nonces.dtype.is_floating_point or nonces.dtype.is_complex or nonces.dtype == torch.bool or nonces.dim() != 1:
+            raise ValueError(f"nonces must be a 1-D integer tensor, got {nonces.dtype} {tuple(nonces.shape)}")
+        nonces = nonces.tolist()
+    elif isinstance(nonces, (str, bytes, numbers.Number)) or nonces is None:
+        raise ValueError(f"nonces must be a sequence of ints, got {type(nonces).__name__}")
+    try:
+        items = list(nonces)
+    except TypeError:
+        raise ValueError(f"nonces must be a sequence of ints, got {type(nonces).__name__}") from None
+    out = []
+    for n in items:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise ValueError(f"nonce must be an integer, got {type(n).__name__} {n!r}"[:120])
+        n = int(n)
+        if not INT32_MIN <= n <= INT32_MAX:
+            raise ValueError(f"nonce {n} is outside the chain's int32 range")
+        out.append(n)
+    return out

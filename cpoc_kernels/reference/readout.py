@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .nonces import check_nonces
 from .rng import mmh, normal
 from .seeds import haar_seed, pick_seed
 
@@ -58,6 +59,7 @@ def output_stage(
     Rows containing NaN stay NaN here, ±Inf/zero/overflowing rows give NaN or zero vectors; callers drop
     them (``is_emittable(vectors, hs)``).
     """
+    nonces = check_nonces(nonces)
     if hs.dim() != 2 or hs.shape[0] != len(nonces):
         raise ValueError(f"hs must be [len(nonces), H], got {tuple(hs.shape)} for {len(nonces)} nonces")
     hs = hs.to(torch.float32)
