@@ -8,6 +8,8 @@ from cpoc_kernels import ops
 from cpoc_kernels import reference as R
 from cpoc_kernels.ops.inputs import input_seeds, normals_into_triton
 
+from bits import box_muller_fp64_libm
+
 from ._util import DTYPES, f32_from_hex, sha256_le, ulp_diff
 
 BH, PK = "TEST_BLOCK", "test_pub_keys"
@@ -55,8 +57,12 @@ def test_golden_normal_triton(primitives):
             if case["n_elements_cpu_vs_correctly_rounded_ops_differ"] == 0:
                 # the interpreter's log/cos/sin are fp64 rounded once (correctly rounded ops): where the
                 # CPU reference agrees with correctly rounded ops (incl. the signed-zero and 2pi edges)
-                # the kernel must be bit-equal
-                assert torch.equal(got.view(torch.int32), want.view(torch.int32)), case
+                # the kernel must be bit-equal -- on the elements whose fp64 results lie far (> 2**10 fp64
+                # ulps) from an fp32 rounding boundary, so that no host's fp64 libm can change the bits
+                _, margin = box_muller_fp64_libm(case["seed"], case["n"])
+                robust = margin > 2**10
+                assert robust.float().mean() > 0.9, case  # the check is not vacuous
+                assert torch.equal(got.view(torch.int32)[robust], want.view(torch.int32)[robust]), case
         else:
             assert ulp_diff(got[:64], f32_from_hex(case["first_64_f32_hex"])).max() <= MAX_ULP
             assert ulp_diff(got[-64:], f32_from_hex(case["last_64_f32_hex"])).max() <= MAX_ULP

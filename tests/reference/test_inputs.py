@@ -2,9 +2,13 @@
 import pytest
 import torch
 
-from bits import le_sha256, u16_from_hex, ulp_distance
+from bits import (box_muller_fp64_libm, f32_from_hex, le_sha256, stronger_box_muller_fp64_libm, u16_from_hex,
+                  ulp_distance)
 from cpoc_kernels.ops.inputs import nonce_normals_cpu
 from cpoc_kernels.reference import nonce_normals, poc_inputs
+from cpoc_kernels.reference.seeds import stronger_sub_seeds
+
+MAX_ULP = 4  # golden README: fp32 values through log/cos/sin are compared within 4 ulp
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -17,8 +21,20 @@ def test_inputs_golden(primitives):
         assert x.shape == (1, case["seq_len"], case["hidden"]) and x.dtype == dtype
         digest = le_sha256(x[0])
         if dtype == torch.float32:
-            # fp32 goes through log/cos/sin: bit-exact to one of the two platform fields
-            assert digest in (case["sha256_le_bytes"], case["sha256_le_bytes_cuda_libdevice_emulated"]), case
+            # fp32 goes through log/cos/sin, whose CPU results depend on the host (issue 12: a digest match failed
+            # on Intel): the stored first/last 16 values within 4 ulp, and every value within 4 ulp of an
+            # independent numpy recomputation (exact uniforms, fp64 libm rounded once)
+            flat = x[0].flatten()
+            assert (ulp_distance(flat[:16], f32_from_hex(case["first_16_hex"])) <= MAX_ULP).all(), case
+            assert (ulp_distance(flat[-16:], f32_from_hex(case["last_16_hex"])) <= MAX_ULP).all(), case
+            n = case["seq_len"] * case["hidden"]
+            if case["stronger_rng"]:
+                subs = stronger_sub_seeds(case["block_hash"], case["public_key"], case["nonce"])
+                oracle, _ = stronger_box_muller_fp64_libm(subs, n)
+            else:
+                oracle, _ = box_muller_fp64_libm(case["seed"], n)
+            assert (ulp_distance(flat, oracle) <= MAX_ULP).all(), case
+            assert torch.equal(torch.signbit(flat), torch.signbit(oracle)), case
         else:
             assert digest == case["sha256_le_bytes"], case
             flat = x[0].flatten().view(torch.int16)
