@@ -58,6 +58,12 @@ def launch_opts(device: torch.device) -> dict:
     return {"enable_fp_fusion": False, "enable_reflect_ftz": False}
 
 
+def _unit_column_stride(t: torch.Tensor) -> bool:
+    """[N, H] with consecutive columns adjacent; a stride along a dimension of size <= 1 (or of an empty tensor,
+    e.g. ``(1, 0)`` for [0, 1]) never addresses memory, so it does not count."""
+    return t.stride(1) == 1 or t.shape[1] <= 1 or t.numel() == 0
+
+
 def kernel_view(t: torch.Tensor) -> torch.Tensor:
     """bf16 tensors are handed to kernels as int16 views (exact bit access)."""
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t

@@ -29,7 +29,8 @@ from cpoc_kernels.reference.rng import stronger_normal as stronger_normal_refere
 from cpoc_kernels.reference.seeds import input_seed_string, seed32, stronger_sub_seeds
 
 from ._checks import check_flag, check_int, check_nonces, check_round_strings
-from ._common import _store_from_f32, check_backend, dtype_kind, kernel_view, launch_opts, math_mode
+from ._common import (_store_from_f32, _unit_column_stride, check_backend, dtype_kind, kernel_view, launch_opts,
+                      math_mode)
 
 NSEG_STRONGER = 8
 
@@ -324,7 +325,7 @@ def poc_inputs(
             raise ValueError(f"out must be a [rows, {hidden}] tensor, got {getattr(out, 'shape', type(out))}")
         if out.dtype != dtype:
             raise ValueError(f"out has dtype {out.dtype}, expected {dtype}")
-        if out.stride(1) != 1:
+        if not _unit_column_stride(out):
             raise ValueError("out must have unit stride along the hidden dimension")
         if out.shape[0] > 1 and out.stride(0) < hidden:
             raise ValueError(f"out rows overlap in memory (row stride {out.stride(0)} < hidden {hidden})")

@@ -34,6 +34,7 @@ from cpoc_kernels.reference.householder import reflect as reflect_reference
 
 from ._checks import check_unit_vector
 from ._common import (
+    _unit_column_stride,
     FLOAT_DTYPES,
     _load_f32,
     _round_to,
@@ -253,7 +254,7 @@ def _check_tensors(hidden, residual, v) -> tuple[int, int]:
         raise ValueError(f"hidden must be a 2-D [N, H] tensor, got {getattr(hidden, 'shape', type(hidden))}")
     if hidden.dtype not in FLOAT_DTYPES:
         raise ValueError(f"hidden dtype must be one of {FLOAT_DTYPES}, got {hidden.dtype}")
-    if hidden.stride(1) != 1:
+    if not _unit_column_stride(hidden):
         raise ValueError("hidden must have unit stride along the hidden dimension")
     n, h = hidden.shape
     if residual is not None:
@@ -261,7 +262,7 @@ def _check_tensors(hidden, residual, v) -> tuple[int, int]:
             raise ValueError(f"residual must have hidden's shape {tuple(hidden.shape)}")
         if residual.dtype != hidden.dtype or residual.device != hidden.device:
             raise ValueError("residual must have hidden's dtype and device")
-        if residual.stride(1) != 1:
+        if not _unit_column_stride(residual):
             raise ValueError("residual must have unit stride along the hidden dimension")
         if residual.untyped_storage().data_ptr() == hidden.untyped_storage().data_ptr():
             raise ValueError("residual must not share memory with hidden")

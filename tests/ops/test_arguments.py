@@ -127,3 +127,17 @@ def test_poc_readout_refuses_bad_arguments(kw):
     args.update(kw)
     with pytest.raises(ValueError):
         ops.poc_readout(**args)
+
+
+def test_empty_or_single_column_tensors_with_any_column_stride_are_accepted():
+    """Fuzz finding: ``(torch.randn(0, 1) * 2)`` has strides (1, 0) and was refused as 'not unit stride'; a stride
+    along a dimension of size <= 1 never addresses memory."""
+    hidden = torch.randn(0, 1) * 2
+    assert hidden.stride() == (1, 0)
+    ops.masked_reflect_(hidden, None, torch.ones(1), [])
+    ops.masked_reflect_rows_mask_(hidden, None, torch.ones(1), torch.zeros(0, dtype=torch.bool))
+    col = torch.zeros(4, 3)[:, :1]  # [4, 1], strides (3, 1)
+    wide = torch.zeros(4, 2).t().contiguous().t()[:, :1]  # [4, 1] column of a column-major buffer
+    for out in (col, wide):
+        ops.poc_inputs("bh", "pk", [1, 2], 2, 1, torch.float32, out=out)
+        assert torch.allclose(out.view(2, 2, 1), R.poc_inputs("bh", "pk", [1, 2], 2, 1, torch.float32), rtol=1e-6)
