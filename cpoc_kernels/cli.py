@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from cpoc_kernels.progress import ProgressBar
+
 EXIT_USAGE = 2
 
 
@@ -20,30 +22,6 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one clear line instead of usage + message
         raise UsageError(message)
-
-
-class ProgressBar:
-    """A one-line progress bar on stderr: ``[#####.....] 12/100 nonces  3.2 nonces/s``."""
-
-    def __init__(self, total: int, label: str = "nonces", width: int = 30, stream=None):
-        self.total, self.label, self.width = total, label, width
-        self.stream = stream or sys.stderr
-        self.start = time.perf_counter()
-        self.min_interval = 0.1
-        self._last_draw = float("-inf")
-
-    def __call__(self, done: int, total: int | None = None) -> None:
-        total = total or self.total
-        now = time.perf_counter()
-        if done < total and now - self._last_draw < self.min_interval:
-            return  # redraw at most every min_interval seconds, and always at the end
-        self._last_draw = now
-        filled = int(self.width * done / max(total, 1))
-        rate = done / max(time.perf_counter() - self.start, 1e-9)
-        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {self.label}  {rate:.1f}/s")
-        if done >= total:
-            self.stream.write("\n")
-        self.stream.flush()
 
 
 def parse_nonces(spec: str) -> list[int]:

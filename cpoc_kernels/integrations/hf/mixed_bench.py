@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cpoc_kernels.artifacts import Artifact, ArtifactFile
+from cpoc_kernels.progress import ProgressBar
 
 from .continuous import ContinuousPoC, _CBInternals, cb_config
 from .runner import PoCRunner
@@ -379,7 +380,6 @@ def demo(model, model_name: str, dtype_name: str, settings: EngineSettings, rnd:
          log: Callable[[str], None] = print, progress_stream=None) -> dict:
     """Chat at ``chat_rate`` req/s (default ``load`` × measured capacity) for ``duration`` s without, then with
     continuous PoC; write the artifacts (fleet file format) and validate them by recomputation."""
-    from cpoc_kernels.cli import ProgressBar
     from cpoc_kernels.reference.nonces import NonceIterator
 
     if chat_rate is None:
