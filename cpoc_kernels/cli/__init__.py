@@ -30,12 +30,9 @@ REGISTRARS: list = [
 
 
 def version() -> str:
-    from importlib import metadata
+    import cpoc_kernels
 
-    try:
-        return metadata.version("cpoc_kernels")
-    except metadata.PackageNotFoundError:
-        return "unknown (not installed)"
+    return cpoc_kernels.__version__
 
 
 def _registrar(entry):
@@ -63,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     except (UsageError, ValueError) as exc:
         print(f"cpoc: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ImportError as exc:  # an installed but broken optional dependency
+        print(f"cpoc: error: {exc} (reinstall the extra: pip install 'cpoc_kernels[hf,plot]')", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""

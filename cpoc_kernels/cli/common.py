@@ -124,7 +124,7 @@ def set_threads(threads: int | None) -> None:
 # ---------------------------------------------------------------------------------------------- models
 def model_config(name: str) -> dict:
     """The built-in model's config (no model is built, transformers is not imported)."""
-    from cpoc_kernels.integrations.hf.models import MODEL_CONFIGS
+    from cpoc_kernels.integrations.hf.model_configs import MODEL_CONFIGS
 
     if name not in MODEL_CONFIGS:
         raise UsageError(f"unknown model {name!r}; built-in models: {', '.join(sorted(MODEL_CONFIGS))}")
@@ -150,12 +150,15 @@ def check_shape(model: str, seq_len: int, k: int, what: str = "") -> None:
 
 
 def require(module: str, extra: str, purpose: str) -> None:
-    """Import ``module`` now, or refuse: it comes with ``pip install 'cpoc_kernels[<extra>]'``."""
-    import importlib
+    """Refuse now (without importing it) when ``module`` is not installed: it comes with
+    ``pip install 'cpoc_kernels[<extra>]'``."""
+    import importlib.util
 
     try:
-        importlib.import_module(module)
-    except ImportError:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
         raise UsageError(f"{purpose} needs the '{module}' package, which is not installed: "
                          f"pip install 'cpoc_kernels[{extra}]'") from None
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from cpoc_kernels.progress import ProgressBar
 
 from .common import (EXIT_FRAUD, EXIT_NO_VERDICT, EXIT_OK, MAX_NONCES, UsageError, add_round_args, add_threads_arg,
-                     check_dtype, check_in_file, check_out_file, check_positive, check_real, check_round_args,
+                     DTYPES, check_in_file, check_out_file, check_positive, check_real, check_round_args,
                      check_shape, default_batch_size, load_model, model_config, parse_nonces, require, save_file,
                      set_threads)
 
@@ -60,9 +60,15 @@ def load_artifact_file(path: Path):
         raise UsageError(f"cannot read artifact file {path}: not UTF-8 text (an artifact file is JSON)") from None
     except OSError as exc:
         raise UsageError(f"cannot read artifact file {path}: {exc.strerror or exc}") from None
-    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+    except ValueError as exc:  # the file format's own messages
         detail = str(exc).replace(str(path) + ": ", "")
-        raise UsageError(f"{path} is not a valid artifact file: {detail or type(exc).__name__}") from None
+        raise UsageError(f"{path} is not a valid artifact file: {detail}") from None
+    except KeyError as exc:
+        raise UsageError(f"{path} is not a valid artifact file: missing field {exc}") from None
+    except (TypeError, AttributeError, OverflowError):
+        raise UsageError(f"{path} is not a valid artifact file: expected a JSON object with fields model, "
+                         f"block_hash, public_key, seq_len, k_dim and a list of artifacts (a field has the wrong "
+                         f"type)") from None
     seen: set[int] = set()
     for art in doc.artifacts:
         try:
@@ -94,10 +100,8 @@ def judging_setup(doc, model: str | None, dtype: str | None, stronger_rng: bool 
     except UsageError:
         raise UsageError(f"model {name!r} ({source}) is not a built-in model; pass --model") from None
     d, source = setup["dtype"]
-    try:
-        check_dtype(d)
-    except UsageError as exc:
-        raise UsageError(f"{exc} ({source})") from None
+    if not isinstance(d, str) or d not in DTYPES:
+        raise UsageError(f"unknown dtype {d!r} ({source}); choose one of {', '.join(DTYPES)}")
     check_shape(name, doc.seq_len, doc.k_dim, what=" (from the file)")
     notes = []
     if dtype is not None and file_dtype is not None and dtype != file_dtype:
@@ -110,13 +114,10 @@ def judging_setup(doc, model: str | None, dtype: str | None, stronger_rng: bool 
 
 def validate_file(path: Path, model_name: str | None, dtype: str | None, batch_size: int | None, sample: int | None,
                   dist_threshold: float, p_mismatch: float, fraud_threshold: float, stronger_rng: bool | None = None,
-                  seed: int = 0, log=print):
+                  seed: int = 0, threads: int | None = None, log=print):
     """Recompute the artifacts of ``path`` (optionally a seeded random sample) and run the statistical test.
     Every check runs before the model is built."""
     import random
-
-    from cpoc_kernels.integrations.hf.runner import PoCRunner
-    from cpoc_kernels.validate import validate
 
     check_judging(dist_threshold, p_mismatch, fraud_threshold)
     if sample is not None and sample <= 0:
@@ -126,6 +127,10 @@ def validate_file(path: Path, model_name: str | None, dtype: str | None, batch_s
     doc = load_artifact_file(path)
     setup = judging_setup(doc, model_name, dtype, stronger_rng)
     require("transformers", "hf", "cpoc validate (recomputing the artifacts)")
+    set_threads(threads)
+    from cpoc_kernels.integrations.hf.runner import PoCRunner
+    from cpoc_kernels.validate import validate
+
     artifacts = doc.artifacts
     if sample is not None and sample < len(artifacts):
         artifacts = random.Random(seed).sample(artifacts, sample)
@@ -175,6 +180,7 @@ def cmd_generate(args) -> int:
     check_round_args(args)
     nonces = parse_nonces(args.nonces)
     check_out_file(args.out)
+    require("transformers", "hf", "cpoc generate")
     set_threads(args.threads)
     doc, seconds = generate_file(args, nonces)
     print(f"{len(doc.artifacts)} artifacts in {seconds:.2f} s ({len(doc.artifacts) / max(seconds, 1e-9):.1f} "
@@ -183,9 +189,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    set_threads(args.threads)
+    if args.threads is not None and args.threads <= 0:
+        raise UsageError(f"--threads must be positive, got {args.threads}")
     result = validate_file(args.file, args.model, args.dtype, args.batch_size, args.sample, args.dist_threshold,
-                           args.p_mismatch, args.fraud_threshold, seed=args.seed)
+                           args.p_mismatch, args.fraud_threshold, seed=args.seed, threads=args.threads)
     return print_validation(result, args.dist_threshold)
 
 
@@ -193,6 +200,7 @@ def cmd_demo_pure(args) -> int:
     check_positive(args, "nonces", maximum=MAX_NONCES)
     check_round_args(args)
     check_out_file(args.out)
+    require("transformers", "hf", "cpoc demo")
     set_threads(args.threads)
     print(f"cpoc demo: {args.nonces} nonces on {args.model} (CPU, {args.dtype}), seq_len {args.seq_len}, k {args.k}")
     doc, seconds = generate_file(args, list(range(args.nonces)))
@@ -215,7 +223,8 @@ def register_generate(sub) -> None:
                                      "(default 1).")
     add_round_args(gen)
     gen.add_argument("--nonces", required=True,
-                     help=f"START:STOP (STOP exclusive) or a comma list; int32, no duplicates, at most {MAX_NONCES}")
+                     help=f"START:STOP (STOP exclusive) or a comma list; int32, no duplicates, at most {MAX_NONCES} "
+                          f"(negative first nonce: --nonces=-5:3)")
     gen.add_argument("--out", type=Path, required=True, help="artifact file to write (JSON)")
     add_threads_arg(gen)
     gen.set_defaults(func=cmd_generate)

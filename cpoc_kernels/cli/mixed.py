@@ -44,10 +44,9 @@ def _range_arg(spec: str, name: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _mixed_setup(args):
-    """(settings, round) of the mixed commands, after checking the arguments (no model is built)."""
+def _check_mixed(args) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Check the mixed commands' arguments (nothing heavy imported); returns the prompt and output length ranges."""
     from cpoc_kernels.governor import MODES
-    from cpoc_kernels.integrations.hf.mixed_bench import EngineSettings, Round
 
     check_round_args(args)
     check_positive(args, "max_batch_tokens", "num_blocks", "page_size", "max_requests", "idle_max_tokens")
@@ -59,10 +58,17 @@ def _mixed_setup(args):
     check_real("slo_overhead", args.slo_overhead, 0.0, low_inclusive=True)
     if args.idle_max_ms is not None:
         check_real("idle_max_ms", args.idle_max_ms, 0.0)
+    return _range_arg(args.prompt_len, "prompt-len"), _range_arg(args.output_len, "output-len")
+
+
+def _mixed_setup(args, lengths):
+    """(settings, round) of the mixed commands from checked arguments (imports torch: after every check)."""
+    from cpoc_kernels.integrations.hf.mixed_bench import EngineSettings, Round
+
+    prompt_len, output_len = lengths
     settings = EngineSettings(max_batch_tokens=args.max_batch_tokens, num_blocks=args.num_blocks,
                               page_size=args.page_size, max_requests_per_batch=args.max_requests,
-                              prompt_len=_range_arg(args.prompt_len, "prompt-len"),
-                              output_len=_range_arg(args.output_len, "output-len"), mode=args.mode,
+                              prompt_len=prompt_len, output_len=output_len, mode=args.mode,
                               slo_overhead=args.slo_overhead, idle_max_tokens=args.idle_max_tokens,
                               idle_max_seconds=None if args.idle_max_ms is None else args.idle_max_ms / 1e3)
     rnd = Round(block_hash=args.block_hash, public_key=args.public_key, seq_len=args.seq_len, k=args.k,
@@ -73,15 +79,16 @@ def _mixed_setup(args):
 def cmd_demo(args) -> int:
     if args.pure:
         return cmd_demo_pure(args)
-    from cpoc_kernels.integrations.hf.mixed_bench import demo
-
-    settings, rnd = _mixed_setup(args)
+    lengths = _check_mixed(args)
     if args.chat_rate is not None:
         check_real("chat_rate", args.chat_rate, 0.0, low_inclusive=True)
     elif not (0 <= args.load <= 1.5):
         raise UsageError(f"--load must be in [0, 1.5], got {args.load:g}")
     check_out_file(args.out)
     require("transformers", "hf", "cpoc demo")
+    from cpoc_kernels.integrations.hf.mixed_bench import demo
+
+    settings, rnd = _mixed_setup(args, lengths)
     set_threads(args.threads)
     model = load_model(args.model, args.dtype)
     print(f"cpoc demo: chat + continuous PoC on {args.model} (CPU, {args.dtype}), HF continuous batching, "
@@ -93,7 +100,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench_mixed(args) -> int:
-    settings, rnd = _mixed_setup(args)
+    lengths = _check_mixed(args)
     check_positive(args, "repeats", maximum=100)
     try:
         loads = [float(x) for x in args.loads.split(",") if x.strip()]
@@ -108,6 +115,7 @@ def cmd_bench_mixed(args) -> int:
     require("matplotlib", "plot", "cpoc bench-mixed (the PNG plot)")  # before the sweep, not after it
     from cpoc_kernels.integrations.hf.mixed_bench import bench_mixed, plot, write_csv
 
+    settings, rnd = _mixed_setup(args, lengths)
     set_threads(args.threads)
     model = load_model(args.model, args.dtype)
     tag = args.tag or f"{args.model}_{args.dtype}_s{args.seq_len}"
