@@ -52,6 +52,11 @@ def build_parser() -> Parser:
     return parser
 
 
+def _one_line(message) -> str:
+    """The message on one line (a user's value may hold a newline)."""
+    return " ".join(str(message).splitlines())
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -59,14 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help / --version
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     except (UsageError, ValueError) as exc:
-        print(f"cpoc: error: {exc}", file=sys.stderr)
+        print(f"cpoc: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except ImportError as exc:  # an installed but broken optional dependency
-        print(f"cpoc: error: {exc} (reinstall the extra: pip install 'cpoc_kernels[hf,plot]')", file=sys.stderr)
+        print(f"cpoc: error: {_one_line(exc)} (reinstall the extra: pip install 'cpoc_kernels[hf,plot]')", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        print(f"cpoc: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"cpoc: error: {_one_line(exc.strerror or exc)}{_one_line(where)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("cpoc: interrupted", file=sys.stderr)
