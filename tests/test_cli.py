@@ -56,18 +56,3 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, fragment, cli, tmp_path, m
 def test_parse_nonces():
     assert parse_nonces("3:6") == [3, 4, 5]
     assert parse_nonces("1,-2,9") == [1, -2, 9]
-
-
-def test_progress_bar_redraws_sparingly_and_always_finishes():
-    import io
-
-    from cpoc_kernels.cli import ProgressBar
-
-    stream = io.StringIO()
-    bar = ProgressBar(1000, stream=stream)
-    for done in range(1, 1001):
-        bar(done)
-    text = stream.getvalue()
-    assert text.count("\r") < 50  # a burst of updates does not flood the terminal
-    last = text.rstrip("\n").rsplit("\r", 1)[1]
-    assert last.startswith("[" + "#" * 30 + "] 1000/1000 nonces") and text.endswith("\n")

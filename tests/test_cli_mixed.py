@@ -39,6 +39,7 @@ def test_demo_pure_still_reachable(tmp_path, cli):
 
 
 def test_bench_mixed_writes_csv_and_png(tmp_path, cli):
+    pytest.importorskip("matplotlib", reason="the PNG plot needs the 'plot' extra (pip install 'cpoc_kernels[plot]')")
     code, stdout, err = cli(["bench-mixed", "--loads", "0,0.5", "--duration", "0.6", "--out-dir", str(tmp_path),
                              "--tag", "t", *TINY])
     assert code == 0, stdout + err

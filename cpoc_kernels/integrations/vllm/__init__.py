@@ -18,9 +18,8 @@ import os
 import threading
 
 from .requests import PoCRequestError, PoCRequestSpec, PoCRound, parse_poc_payload, poc_request
-from .version import SUPPORTED_VLLM, UnsupportedVllmError, check_vllm_version
+from .version import SUPPORTED_VLLM, WORKER_EXTENSION, UnsupportedVllmError, check_vllm_version
 
-WORKER_EXTENSION = "cpoc_kernels.integrations.vllm.worker.CpocWorkerExtension"
 DISABLE_ENV = "CPOC_VLLM_DISABLE"
 
 _lock = threading.Lock()

@@ -22,9 +22,8 @@ from collections.abc import Callable
 
 import torch
 
-from . import WORKER_EXTENSION
 from .state import CpocBuffers, CpocWorkerState, RequestView
-from .version import UnsupportedVllmError
+from .version import WORKER_EXTENSION, UnsupportedVllmError
 
 logger = logging.getLogger("cpoc_kernels.vllm")
 

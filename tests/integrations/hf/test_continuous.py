@@ -16,6 +16,8 @@ from transformers import GenerationConfig  # noqa: E402
 
 from cpoc_kernels.integrations.hf import continuous  # noqa: E402
 from cpoc_kernels.integrations.hf.continuous import ContinuousPoC, cb_config  # noqa: E402
+from cpoc_kernels.integrations.hf.continuous.hooks import ForwardHooks  # noqa: E402
+from cpoc_kernels.integrations.hf.continuous.scheduling import PoCScheduler  # noqa: E402
 from cpoc_kernels.integrations.hf.models import build_model  # noqa: E402
 from cpoc_kernels.integrations.hf.runner import PoCRunner  # noqa: E402
 from cpoc_kernels.validate import validate  # noqa: E402
@@ -200,8 +202,8 @@ def test_chat_untouched_and_lm_head_never_sees_poc(model):
 
 def test_lm_head_probe_detects_leak(model, monkeypatch):
     """The probe above can fail: without the LM-head filter, PoC rows do reach the LM head."""
-    monkeypatch.setattr(ContinuousPoC, "_on_lm_head_in", lambda self, module, args: None)
-    monkeypatch.setattr(ContinuousPoC, "_on_lm_head_out", lambda self, module, args, output: None)
+    monkeypatch.setattr(ForwardHooks, "_on_lm_head_in", lambda self, module, args: None)
+    monkeypatch.setattr(ForwardHooks, "_on_lm_head_out", lambda self, module, args, output: None)
     run = run_session(model, nonces=[1, 2, 3], probe=True)
     assert run["probe"].lm_poc_rows > 0
 
@@ -210,7 +212,7 @@ def test_crash_in_poc_stops_poc_chat_continues(model, monkeypatch):
     prompts, max_new = chat_workload(seed=7, n=6)
     off = run_session(model, prompts=prompts, max_new=max_new, poc=False)
     calls = {"n": 0}
-    real = continuous.reflect_rows_
+    real = continuous.hooks.reflect_rows_
 
     def flaky(hidden2d, rows, v):
         calls["n"] += 1
@@ -218,7 +220,7 @@ def test_crash_in_poc_stops_poc_chat_continues(model, monkeypatch):
             raise RuntimeError("injected PoC fault")
         real(hidden2d, rows, v)
 
-    monkeypatch.setattr(continuous, "reflect_rows_", flaky)
+    monkeypatch.setattr(continuous.hooks, "reflect_rows_", flaky)  # where the layer hooks look it up
     on = run_session(model, nonces=list(range(50)), prompts=prompts, max_new=max_new, late_chat=3,
                      wait_nonces=False, probe=True)
     st = on["stats"]
@@ -335,7 +337,7 @@ def test_chat_only_steps_run_without_poc_hooks(model):
 def test_fixed_cost_keeps_poc_out_of_chat_steps_except_probes(model, pure, monkeypatch):
     """fill mode: when carrying PoC rows costs a chat step more than its SLO allowance, PoC joins only steps
     without chat, plus at most SMALL_POC_ROWS probe rows every PROBE_EVERY vetoed chat steps."""
-    monkeypatch.setattr(ContinuousPoC, "_fixed_cost", lambda self: 1.0)  # 1 s per step: far above 5 % of a step
+    monkeypatch.setattr(PoCScheduler, "fixed_cost", lambda self: 1.0)  # 1 s per step: far above 5 % of a step
     monkeypatch.setattr(ContinuousPoC, "PROBE_EVERY", 3)
     nonces = list(range(500, 506))
     prompts, _ = chat_workload(seed=8, n=4)
