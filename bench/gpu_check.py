@@ -44,7 +44,7 @@ SITE = Path(os.environ.get("CPOC_GPU_CHECK_SITE", "/tmp/cpoc_gpu_check_site"))
 sys.path[:0] = [str(ROOT), str(BENCH)]
 # Carried to a machine that cannot reach a registry (transformers' continuous batching glue needs 5.20-5.24; the
 # lent H100/H200 image has torch, triton, pybind11, pytest and an older transformers).
-WHEELS = ["transformers==5.24.0"]
+WHEELS = ["transformers==5.24.0", "regex==2026.11.19"]  # regex: transformers checks its version at import
 TRANSFORMERS_RANGE = ((5, 20), (5, 24))
 
 # ==================================================================================================== budgets
