@@ -1,5 +1,12 @@
 // pybind11 bindings of the SHA-256 + SMST core (csrc/sha256.*, csrc/smst.*). Bulk work releases the GIL.
 // Nonces cross this boundary as int32 values (bitwise uint32 inside); counts and indices as uint64.
+//
+// Rule for every binding that releases the GIL: whatever the C++ side checks and then uses again
+// (nonces checked for duplicates, indices checked against the count) is copied into memory that no
+// other thread can reach before the GIL is released. A caller's numpy buffer may be changed by
+// another Python thread, or alias the output (`proofs(idx, out=idx.view(...))`), the moment the GIL
+// is gone. Buffers read exactly once and never used as indices (vector bytes, proofs and leaf data
+// to verify) are read in place: a concurrent change can only change that call's answer.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -28,6 +35,12 @@ uint64_t as_count(int64_t v, const char* what) {
     return uint64_t(v);
 }
 
+template <class T, class A>
+std::vector<T> copy_of(const A& arr) {
+    const T* p = reinterpret_cast<const T*>(arr.data());
+    return std::vector<T>(p, p + arr.size());
+}
+
 std::string_view bytes_view(const py::bytes& b) {
     char* p = nullptr;
     Py_ssize_t n = 0;
@@ -49,6 +62,9 @@ void need_hash32(std::string_view s, const char* what) {
 void init_merkle(py::module_& m) {
     py::register_exception<cpoc::smst::SnapshotNotFound>(m, "SmstSnapshotNotFound", PyExc_KeyError);
 
+    m.def("smst_set_threads", &cpoc::smst::set_max_threads, py::arg("n"),
+          "Threads the SMST's bulk build and proofs may use (process-wide; results never depend on it).");
+    m.def("smst_threads", &cpoc::smst::max_threads);
     m.def("sha256_backend", &cpoc::sha::backend, "SHA-256 backend in use: 'sha-ni' or 'portable'.");
     m.def("sha256_shani_available", &cpoc::sha::shani_available, "True if this CPU has the SHA extensions.");
     m.def(
@@ -138,10 +154,12 @@ void init_merkle(py::module_& m) {
             py::array_t<int32_t> codes{py::ssize_t(n)};
             int* out = codes.mutable_data();
             const size_t leaf_len = size_t(leaf_data.shape(1)), depth = size_t(proofs.shape(1));
+            const std::vector<uint64_t> own_dense = copy_of<uint64_t>(dense);
+            const std::vector<uint32_t> own_nonces = copy_of<uint32_t>(nonces);
             {
                 py::gil_scoped_release nogil;
-                cpoc::smst::verify_many(u8(r), c, n, dense.data(), reinterpret_cast<const uint32_t*>(nonces.data()),
-                                        leaf_data.data(), leaf_len, proofs.data(), depth, out);
+                cpoc::smst::verify_many(u8(r), c, n, own_dense.data(), own_nonces.data(), leaf_data.data(), leaf_len,
+                                        proofs.data(), depth, out);
             }
             return codes;
         },
@@ -176,8 +194,9 @@ void init_merkle(py::module_& m) {
                     ptrs.push_back(u8(sv));
                     lens.push_back(sv.size());
                 }
+                const std::vector<uint32_t> own = copy_of<uint32_t>(nonces);  // checked, then inserted
                 py::gil_scoped_release nogil;
-                s.extend(lens.size(), reinterpret_cast<const uint32_t*>(nonces.data()), ptrs.data(), lens.data());
+                s.extend(lens.size(), own.data(), ptrs.data(), lens.data());
             },
             py::arg("nonces"), py::arg("vectors"), "All-or-nothing batch insert (list of bytes vectors).")
         .def(
@@ -186,9 +205,9 @@ void init_merkle(py::module_& m) {
                py::array_t<uint8_t, py::array::c_style | py::array::forcecast> vectors) {
                 if (nonces.ndim() != 1 || vectors.ndim() != 2 || nonces.shape(0) != vectors.shape(0))
                     throw std::invalid_argument("expected nonces int32 [n] and vectors uint8 [n, L]");
+                const std::vector<uint32_t> own = copy_of<uint32_t>(nonces);  // checked, then inserted
                 py::gil_scoped_release nogil;
-                s.extend_fixed(size_t(nonces.shape(0)), reinterpret_cast<const uint32_t*>(nonces.data()),
-                               vectors.data(), size_t(vectors.shape(1)));
+                s.extend_fixed(own.size(), own.data(), vectors.data(), size_t(vectors.shape(1)));
             },
             py::arg("nonces"), py::arg("vectors"), "All-or-nothing batch insert of fixed-length vectors.")
         .def_property_readonly("count", &Smst::count)
@@ -252,10 +271,11 @@ void init_merkle(py::module_& m) {
                 } else {
                     out = py::array_t<uint8_t, py::array::c_style>({py::ssize_t(n), py::ssize_t(depth), py::ssize_t(36)});
                 }
+                const std::vector<uint64_t> own = copy_of<uint64_t>(dense);  // checked, then used as indices
                 uint8_t* o = out.mutable_data();
                 {
                     py::gil_scoped_release nogil;
-                    s.proofs(n, dense.data(), c, o);
+                    s.proofs(n, own.data(), c, o);
                 }
                 return out;
             },
@@ -273,6 +293,29 @@ void init_merkle(py::module_& m) {
                 return py::make_tuple(int32_t(a.first), py::bytes(a.second));
             },
             py::arg("dense_index"), py::arg("count") = 0, "(nonce, vector) at dense_index.")
+        .def(
+            "artifacts",
+            [](Smst& s, py::array_t<uint64_t, py::array::c_style | py::array::forcecast> dense, int64_t count) {
+                if (dense.ndim() != 1) throw std::invalid_argument("dense_indices must be 1-D");
+                const uint64_t c = as_count(count, "count");
+                const std::vector<uint64_t> own = copy_of<uint64_t>(dense);
+                std::vector<uint32_t> arr(own.size());
+                {
+                    py::gil_scoped_release nogil;
+                    s.arrivals(own.size(), own.data(), c, arr.data());
+                }
+                py::array_t<int32_t> nonces{py::ssize_t(own.size())};
+                py::list vectors;
+                int32_t* np = nonces.mutable_data();
+                for (size_t i = 0; i < arr.size(); ++i) {
+                    auto leaf = s.arrival_leaf(arr[i]);
+                    np[i] = int32_t(leaf.first);
+                    vectors.append(py::bytes(leaf.second));
+                }
+                return py::make_tuple(nonces, vectors);
+            },
+            py::arg("dense_indices"), py::arg("count") = 0, "(nonces int32 [n], list of vectors) at dense indices.")
+        .def_property_readonly("memory_bytes", &Smst::memory_bytes)
         .def(
             "arrival_leaf",
             [](const Smst& s, int64_t i) {

@@ -152,6 +152,16 @@ CPOC_SHANI void digest2_shani_x2(const uint8_t* m0, const uint8_t* m1, uint8_t o
     shani_store_digest(s[1], out1);
 }
 
+// Four messages of `nblocks` padded blocks each, interleaved.
+CPOC_SHANI void digest_shani_x4(const uint8_t* const m[4], size_t nblocks, uint8_t* const out[4]) {
+    ShaniState s[4] = {shani_load(kInit), shani_load(kInit), shani_load(kInit), shani_load(kInit)};
+    for (size_t b = 0; b < nblocks; ++b) {
+        const uint8_t* blk[4] = {m[0] + 64 * b, m[1] + 64 * b, m[2] + 64 * b, m[3] + 64 * b};
+        shani_block<4>(s, blk);
+    }
+    for (int j = 0; j < 4; ++j) shani_store_digest(s[j], out[j]);
+}
+
 CPOC_SHANI void compress_shani(uint32_t st[8], const uint8_t* blocks, size_t nblocks) {
     ShaniState s = shani_load(st);
     for (size_t b = 0; b < nblocks; ++b) {
@@ -247,6 +257,17 @@ inline void node_message(const uint8_t l[32], const uint8_t r[32], uint32_t coun
     m[127] = 0x28;
 }
 
+// One padded block of SHA256(0x00 || LE32(nonce) || vector); needs 5 + len <= 55, i.e. len <= 50.
+inline void leaf_block(uint32_t nonce, const uint8_t* vector, size_t len, uint8_t blk[64]) {
+    std::memset(blk, 0, 64);
+    blk[1] = uint8_t(nonce); blk[2] = uint8_t(nonce >> 8); blk[3] = uint8_t(nonce >> 16); blk[4] = uint8_t(nonce >> 24);
+    std::memcpy(blk + 5, vector, len);
+    const uint64_t total = 5 + len;
+    blk[total] = 0x80;
+    const uint64_t bits = total * 8;
+    for (int i = 0; i < 8; ++i) blk[63 - i] = uint8_t(bits >> (8 * i));
+}
+
 }  // namespace
 
 const char* backend() { return g_use_shani.load() ? "sha-ni" : "portable"; }
@@ -291,6 +312,56 @@ void node_hash_x2(const uint8_t l0[32], const uint8_t r0[32], uint32_t c0, uint8
 #endif
     digest_portable(m0, 2, out0);
     digest_portable(m1, 2, out1);
+}
+
+void node_hash_batch(const NodeJob* jobs, size_t n) {
+    size_t i = 0;
+#if CPOC_HAVE_X86
+    if (g_use_shani.load(std::memory_order_relaxed)) {
+        alignas(16) uint8_t m[4][128];
+        for (; i + 4 <= n; i += 4) {
+            const uint8_t* msgs[4];
+            uint8_t* outs[4];
+            for (int j = 0; j < 4; ++j) {
+                const NodeJob& b = jobs[i + j];
+                node_message(b.left, b.right, b.count, m[j]);
+                msgs[j] = m[j];
+                outs[j] = b.out;
+            }
+            digest_shani_x4(msgs, 2, outs);
+        }
+    }
+#endif
+    for (; i < n; ++i) node_hash(jobs[i].left, jobs[i].right, jobs[i].count, jobs[i].out);
+}
+
+void leaf_hash_batch(const LeafJob* jobs, size_t n) {
+    size_t i = 0;
+#if CPOC_HAVE_X86
+    if (g_use_shani.load(std::memory_order_relaxed)) {
+        alignas(16) uint8_t m[4][64];
+        while (i + 4 <= n) {
+            bool one_block = true;
+            for (int j = 0; j < 4; ++j) one_block = one_block && jobs[i + j].len <= 50;
+            if (!one_block) {
+                leaf_hash_parts(jobs[i].nonce, jobs[i].vector, jobs[i].len, jobs[i].out);
+                ++i;
+                continue;
+            }
+            const uint8_t* msgs[4];
+            uint8_t* outs[4];
+            for (int j = 0; j < 4; ++j) {
+                const LeafJob& b = jobs[i + j];
+                leaf_block(b.nonce, b.vector, b.len, m[j]);
+                msgs[j] = m[j];
+                outs[j] = b.out;
+            }
+            digest_shani_x4(msgs, 1, outs);
+            i += 4;
+        }
+    }
+#endif
+    for (; i < n; ++i) leaf_hash_parts(jobs[i].nonce, jobs[i].vector, jobs[i].len, jobs[i].out);
 }
 
 }  // namespace cpoc::sha

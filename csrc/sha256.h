@@ -28,4 +28,24 @@ void node_hash(const uint8_t left[32], const uint8_t right[32], uint32_t count, 
 void node_hash_x2(const uint8_t l0[32], const uint8_t r0[32], uint32_t c0, uint8_t out0[32],
                   const uint8_t l1[32], const uint8_t r1[32], uint32_t c1, uint8_t out1[32]);
 
+// One independent node hash of a batch: out = node(left, right, count). out may alias left or right.
+struct NodeJob {
+    const uint8_t* left;
+    const uint8_t* right;
+    uint32_t count;
+    uint8_t* out;
+};
+// Hashes jobs[0..n) (four messages interleaved with SHA-NI); same bytes as n node_hash calls.
+void node_hash_batch(const NodeJob* jobs, size_t n);
+
+// One leaf hash of a batch: out = SHA256(0x00 || LE32(nonce) || vector[0:len]).
+struct LeafJob {
+    uint32_t nonce;
+    const uint8_t* vector;
+    size_t len;
+    uint8_t* out;
+};
+// Hashes jobs[0..n); one-block leaves (len <= 50) four at a time with SHA-NI; same bytes as leaf_hash_parts.
+void leaf_hash_batch(const LeafJob* jobs, size_t n);
+
 }  // namespace cpoc::sha

@@ -2,14 +2,20 @@
 #include "smst.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <thread>
 
 #include "sha256.h"
 
 namespace cpoc::smst {
 namespace {
 
-constexpr size_t kSnapshotCacheSize = 4;
+constexpr uint32_t kNil = 0xFFFFFFFFu;
+constexpr size_t kMemoCacheSize = 4;     // snapshot counts whose recomputed subtrees are kept
+constexpr size_t kParallelMin = 16384;   // jobs below this run on the calling thread
+
+std::atomic<int> g_max_threads{0};  // 0 = not set: min(hardware threads, 8)
 
 std::array<Hash, kMaxDepth + 1> make_empty_hashes() {
     std::array<Hash, kMaxDepth + 1> e{};
@@ -18,6 +24,10 @@ std::array<Hash, kMaxDepth + 1> make_empty_hashes() {
     for (int h = 1; h <= kMaxDepth; ++h) sha::node_hash(e[h - 1].data(), e[h - 1].data(), 0, e[h].data());
     return e;
 }
+
+// key >> shift for shift 0..32 (a shift by 32 is 0, not undefined).
+inline uint32_t shr(uint32_t key, int shift) { return shift >= 32 ? 0u : key >> shift; }
+inline int bitlen(uint32_t x) { return x ? 32 - __builtin_clz(x) : 0; }
 
 // Sorts (key << 32 | arrival) words by key (LSD radix on the key's 32 bits; keys are unique).
 void sort_by_key(std::vector<uint64_t>& v) {
@@ -39,85 +49,47 @@ void sort_by_key(std::vector<uint64_t>& v) {
     }
 }
 
-struct HashJob {
-    const uint8_t* left;
-    const uint8_t* right;
-    uint32_t count;
-    uint8_t* out;
-};
-
-void run_jobs(const std::vector<HashJob>& jobs) {
-    size_t i = 0;
-    for (; i + 1 < jobs.size(); i += 2) {
-        const HashJob& a = jobs[i];
-        const HashJob& b = jobs[i + 1];
-        sha::node_hash_x2(a.left, a.right, a.count, a.out, b.left, b.right, b.count, b.out);
+// Runs f(begin, end) over [0, n) in contiguous chunks, one per thread (the caller runs the first).
+template <class F>
+void parallel_chunks(size_t n, F f) {
+    const int threads = max_threads();
+    if (threads <= 1 || n < kParallelMin) {
+        f(size_t(0), n);
+        return;
     }
-    if (i < jobs.size()) sha::node_hash(jobs[i].left, jobs[i].right, jobs[i].count, jobs[i].out);
+    const size_t t = std::min<size_t>(size_t(threads), n / (kParallelMin / 2));
+    std::vector<std::thread> pool;
+    pool.reserve(t - 1);
+    for (size_t k = 1; k < t; ++k) pool.emplace_back(f, n * k / t, n * (k + 1) / t);
+    f(size_t(0), n / t);
+    for (auto& th : pool) th.join();
 }
 
-// Builds levels 1..depth above t.levels[0]. dirty0[i] marks leaves not present in `old`; a parent
-// whose children are all clean takes its hash from `old` (which then holds the same subtree).
-void build_levels(Tree& t, std::vector<uint8_t> dirty, const Tree* old) {
-    t.levels.resize(size_t(t.depth) + 1);
-    std::vector<HashJob> jobs;
-    for (int l = 0; l < t.depth; ++l) {
-        std::vector<Node>& cur = t.levels[size_t(l)];
-        std::vector<Node>& next = t.levels[size_t(l) + 1];
-        next.clear();
-        next.reserve(cur.size() / 2 + 1);
-        std::vector<uint8_t> next_dirty;
-        next_dirty.reserve(cur.size() / 2 + 1);
-        const std::vector<Node>* old_next =
-            (old && size_t(l) + 1 < old->levels.size()) ? &old->levels[size_t(l) + 1] : nullptr;
-        size_t op = 0;
-        const uint8_t* empty = empty_hash(l).data();
-        jobs.clear();
-        const size_t n = cur.size();
-        for (size_t i = 0; i < n;) {
-            Node* left = nullptr;
-            Node* right = nullptr;
-            bool d = dirty[i];
-            if (cur[i].key & 1u) {
-                right = &cur[i++];
-            } else {
-                left = &cur[i++];
-                if (i < n && cur[i].key == left->key + 1) {
-                    d = d || dirty[i];
-                    right = &cur[i++];
-                }
-            }
-            Node parent;
-            parent.key = (left ? left->key : right->key) >> 1;
-            parent.count = (left ? left->count : 0) + (right ? right->count : 0);
-            parent.parent = 0;
-            const uint32_t idx = uint32_t(next.size());
-            if (left) left->parent = idx;
-            if (right) right->parent = idx;
-            bool reused = false;
-            if (!d && old_next) {
-                while (op < old_next->size() && (*old_next)[op].key < parent.key) ++op;
-                if (op < old_next->size() && (*old_next)[op].key == parent.key) {
-                    std::memcpy(parent.hash, (*old_next)[op].hash, 32);
-                    reused = true;
-                }
-            }
-            next.push_back(parent);
-            next_dirty.push_back(!reused);
-            if (!reused) {
-                jobs.push_back({left ? left->hash : empty, right ? right->hash : empty, parent.count, nullptr});
-            }
-        }
-        // next no longer reallocates: point the jobs at their outputs, in order.
-        size_t j = 0;
-        for (size_t k = 0; k < next.size(); ++k)
-            if (next_dirty[k]) jobs[j++].out = next[k].hash;
-        run_jobs(jobs);
-        dirty.swap(next_dirty);
+// Carries h (the hash of a node with `key` at level `from`, `count` leaves) up to level `to`
+// through empty siblings.
+void carry_up(uint8_t h[32], uint32_t key, int from, int to, uint32_t count) {
+    for (int j = from; j < to; ++j) {
+        const uint8_t* e = empty_hash(j).data();
+        if (shr(key, j - from) & 1u) sha::node_hash(e, h, count, h);
+        else sha::node_hash(h, e, count, h);
     }
+}
+
+inline void put_element(uint8_t* e, const uint8_t* hash, uint32_t c) {
+    std::memcpy(e, hash, 32);
+    e[32] = uint8_t(c); e[33] = uint8_t(c >> 8); e[34] = uint8_t(c >> 16); e[35] = uint8_t(c >> 24);
 }
 
 }  // namespace
+
+void set_max_threads(int n) { g_max_threads = std::max(1, n); }
+
+int max_threads() {
+    const int n = g_max_threads.load();
+    if (n > 0) return n;
+    const unsigned hw = std::thread::hardware_concurrency();
+    return int(std::min<unsigned>(hw ? hw : 1, 8));
+}
 
 const Hash& empty_hash(int height) {
     static const std::array<Hash, kMaxDepth + 1> e = make_empty_hashes();
@@ -128,32 +100,6 @@ int depth_for(uint32_t max_nonce) {
     int bits = 1;
     while (bits < 32 && (max_nonce >> bits) != 0) ++bits;
     return std::max(kDefaultDepth, bits);
-}
-
-Hash Tree::root() const {
-    if (count == 0) return empty_hash(depth);
-    Hash h;
-    std::memcpy(h.data(), levels[size_t(depth)][0].hash, 32);
-    return h;
-}
-
-void Tree::proof(uint64_t dense_index, uint8_t* out) const {
-    size_t p = size_t(dense_index);
-    for (int l = 0; l < depth; ++l) {
-        const std::vector<Node>& lv = levels[size_t(l)];
-        const Node& node = lv[p];
-        const Node* sib = nullptr;
-        if (node.key & 1u) {
-            if (p > 0 && lv[p - 1].key == node.key - 1) sib = &lv[p - 1];
-        } else if (p + 1 < lv.size() && lv[p + 1].key == node.key + 1) {
-            sib = &lv[p + 1];
-        }
-        uint8_t* e = out + size_t(depth - 1 - l) * kProofElementSize;
-        const uint32_t c = sib ? sib->count : 0;
-        std::memcpy(e, sib ? sib->hash : empty_hash(l).data(), 32);
-        e[32] = uint8_t(c); e[33] = uint8_t(c >> 8); e[34] = uint8_t(c >> 16); e[35] = uint8_t(c >> 24);
-        p = node.parent;
-    }
 }
 
 const char* verify_reason(int code) {
@@ -314,7 +260,7 @@ void Smst::NonceSet::clear() {
     used = 0;
 }
 
-Smst::Smst() : offsets_{0} {}
+Smst::Smst() : offsets_{0}, root_(kNil) {}
 
 void Smst::check_vectors(size_t n, const size_t* lens) const {
     for (size_t i = 0; i < n; ++i)
@@ -404,147 +350,421 @@ bool Smst::contains(uint32_t nonce) const {
     return set_.contains(nonce);
 }
 
-std::shared_ptr<const Tree> Smst::full_tree_unlocked() {
-    const uint64_t n = nonces_.size();
-    if (full_ && full_->count == n) return full_;
-    const uint64_t start = full_ ? full_->count : 0;
-    // Hash the new leaves (arrival order).
-    leaf_hashes_.resize(size_t(n) * 32);
-    for (uint64_t a = start; a < n; ++a)
-        sha::leaf_hash_parts(nonces_[a], data_.data() + offsets_[a], size_t(offsets_[a + 1] - offsets_[a]),
-                             leaf_hashes_.data() + 32 * a);
-    std::vector<uint64_t> fresh;
-    fresh.reserve(size_t(n - start));
-    for (uint64_t a = start; a < n; ++a) fresh.push_back((uint64_t(nonces_[a]) << 32) | a);
-    sort_by_key(fresh);
-
-    auto t = std::make_shared<Tree>();
-    t->count = n;
-    t->depth = n ? depth_for(max_nonce_) : kDefaultDepth;
-    if (n == 0) {
-        full_ = t;
-        return full_;
-    }
-    t->levels.resize(1);
-    std::vector<Node>& level0 = t->levels[0];
-    level0.reserve(size_t(n));
-    t->arrival.reserve(size_t(n));
-    std::vector<uint8_t> dirty;
-    dirty.reserve(size_t(n));
-    const std::vector<Node>* old0 = (full_ && full_->count) ? &full_->levels[0] : nullptr;
-    size_t io = 0, in = 0;
-    const size_t no = old0 ? old0->size() : 0;
-    auto push_fresh = [&](uint64_t w) {
-        const uint32_t a = uint32_t(w);
-        Node leaf;
-        std::memcpy(leaf.hash, leaf_hashes_.data() + 32 * size_t(a), 32);
-        leaf.key = uint32_t(w >> 32);
-        leaf.count = 1;
-        leaf.parent = 0;
-        level0.push_back(leaf);
-        t->arrival.push_back(a);
-        dirty.push_back(1);
-    };
-    while (io < no || in < fresh.size()) {
-        if (in == fresh.size() || (io < no && (*old0)[io].key < uint32_t(fresh[in] >> 32))) {
-            level0.push_back((*old0)[io]);
-            t->arrival.push_back(full_->arrival[io]);
-            dirty.push_back(0);
-            ++io;
-        } else {
-            push_fresh(fresh[in++]);
-        }
-    }
-    build_levels(*t, std::move(dirty), full_.get());
-    full_ = t;
-    return full_;
+void Smst::leaf_hash_of(uint32_t a, uint8_t out[32]) const {
+    sha::leaf_hash_parts(nonces_[a], data_.data() + offsets_[a], size_t(offsets_[a + 1] - offsets_[a]), out);
 }
 
-std::shared_ptr<const Tree> Smst::tree_at_unlocked(uint64_t count) {
+// ------------------------------------------------------------------------------ building the tree
+
+void Smst::sync_unlocked() {
     const uint64_t n = nonces_.size();
-    if (count == 0 || count > n)
-        throw SnapshotNotFound("no snapshot at count " + std::to_string(count) + ": the tree has " +
-                               std::to_string(n) + " leaves (valid counts are 1.." + std::to_string(n) + ")");
-    if (count == n) return full_tree_unlocked();
-    auto it = snapshots_.find(count);
-    if (it != snapshots_.end()) return it->second;
-    std::shared_ptr<const Tree> full = full_tree_unlocked();
-    auto t = std::make_shared<Tree>();
-    t->count = count;
-    t->levels.resize(1);
-    t->levels[0].reserve(size_t(count));
-    t->arrival.reserve(size_t(count));
-    for (size_t i = 0; i < full->levels[0].size(); ++i) {
-        if (full->arrival[i] < count) {
-            t->levels[0].push_back(full->levels[0][i]);
-            t->arrival.push_back(full->arrival[i]);
+    const int depth = n ? depth_for(max_nonce_) : kDefaultDepth;
+    if (synced_ == n && (root_ == kNil || nodes_[root_].top == depth)) return;
+    memos_.clear();
+    memo_order_.clear();
+    const uint64_t pending = n - synced_;
+    // Few new leaves: insert them and rehash their paths. Many: one bulk build is cheaper.
+    if (root_ == kNil || pending > std::max<uint64_t>(4096, synced_ / 8)) {
+        rebuild_unlocked();
+        synced_ = n;
+        return;
+    }
+    std::vector<uint64_t> fresh;
+    fresh.reserve(size_t(pending));
+    for (uint64_t a = synced_; a < n; ++a) fresh.push_back((uint64_t(nonces_[a]) << 32) | a);
+    sort_by_key(fresh);  // neighbouring paths: the descents stay in cache
+    const size_t need = nodes_.size() + 2 * fresh.size();
+    if (need > nodes_.capacity()) nodes_.reserve(std::max(need, nodes_.capacity() + nodes_.capacity() / 2));
+    for (uint64_t w : fresh) insert_leaf_unlocked(uint32_t(w >> 32), uint32_t(w));
+    PNode& r = nodes_[root_];
+    if (r.top != depth) {
+        r.top = uint8_t(depth);
+        r.dirty = 1;
+    }
+    rehash_unlocked(root_);
+    synced_ = n;
+}
+
+// Needs capacity for two more nodes (the slot pointers below point into nodes_).
+void Smst::insert_leaf_unlocked(uint32_t key, uint32_t arrival) {
+    PNode leaf{};
+    leaf.key = key;
+    leaf.count = 1;
+    leaf.child[0] = arrival;
+    leaf.child[1] = kNil;
+    leaf.min_arr = leaf.max_arr = arrival;
+    leaf.dirty = 1;
+    uint32_t* slot = &root_;
+    for (;;) {
+        PNode& n = nodes_[*slot];
+        const uint32_t prefix = shr(key, n.level);
+        if (prefix == n.key) {  // inside n's subtree: n is a branching node (keys are unique)
+            if (n.level == 0) throw std::logic_error("SMST: key already in the tree");
+            n.count += 1;
+            n.min_arr = std::min(n.min_arr, arrival);
+            n.max_arr = std::max(n.max_arr, arrival);
+            n.dirty = 1;
+            slot = &n.child[shr(key, n.level - 1) & 1u];
+            continue;
         }
+        // A new branching node where the key leaves n's prefix, between n and its parent.
+        const int split = n.level + bitlen(prefix ^ n.key);
+        PNode b{};
+        b.level = uint8_t(split);
+        b.key = shr(key, split);
+        b.count = n.count + 1;
+        b.min_arr = std::min(n.min_arr, arrival);
+        b.max_arr = std::max(n.max_arr, arrival);
+        b.top = n.top;
+        b.dirty = 1;
+        leaf.top = uint8_t(split - 1);
+        n.top = uint8_t(split - 1);
+        n.dirty = 1;
+        const uint32_t old = *slot;
+        const uint32_t leaf_id = uint32_t(nodes_.size());
+        const int side = int(shr(key, split - 1) & 1u);
+        b.child[side] = leaf_id;
+        b.child[1 - side] = old;
+        nodes_.push_back(leaf);
+        nodes_.push_back(b);
+        *slot = leaf_id + 1;
+        return;
     }
-    t->depth = depth_for(t->levels[0].back().key);
-    build_levels(*t, std::vector<uint8_t>(t->levels[0].size(), 1), nullptr);
-    if (snapshot_order_.size() >= kSnapshotCacheSize) {
-        snapshots_.erase(snapshot_order_.front());
-        snapshot_order_.erase(snapshot_order_.begin());
+}
+
+void Smst::rehash_unlocked(uint32_t id) {
+    PNode& n = nodes_[id];
+    if (!n.dirty) return;
+    uint8_t h[32];
+    if (n.level == 0) {
+        leaf_hash_of(n.child[0], h);
+    } else {
+        rehash_unlocked(n.child[0]);
+        rehash_unlocked(n.child[1]);
+        sha::node_hash(nodes_[n.child[0]].hash, nodes_[n.child[1]].hash, n.count, h);
     }
-    snapshots_[count] = t;
-    snapshot_order_.push_back(count);
-    return t;
+    carry_up(h, n.key, n.level, n.top, n.count);
+    std::memcpy(n.hash, h, 32);
+    n.dirty = 0;
+}
+
+void Smst::rebuild_unlocked() {
+    const size_t n = nonces_.size();
+    const int depth = depth_for(max_nonce_);
+    std::vector<uint64_t> order(n);
+    for (size_t a = 0; a < n; ++a) order[a] = (uint64_t(nonces_[a]) << 32) | a;
+    sort_by_key(order);
+    // Leaf hashes in arrival order (the leaf bytes are read front to back), then placed in key order.
+    std::vector<uint8_t> leaf_hash(32 * n);
+    parallel_chunks(n, [&](size_t b, size_t e) {
+        sha::LeafJob jobs[256];
+        size_t k = 0;
+        for (size_t a = b; a < e; ++a) {
+            jobs[k++] = {nonces_[a], data_.data() + offsets_[a], size_t(offsets_[a + 1] - offsets_[a]),
+                         leaf_hash.data() + 32 * a};
+            if (k == 256) {
+                sha::leaf_hash_batch(jobs, k);
+                k = 0;
+            }
+        }
+        sha::leaf_hash_batch(jobs, k);
+    });
+    std::vector<PNode>().swap(nodes_);
+    nodes_.reserve(2 * n);  // n leaves (ids 0..n-1, in key order) + n - 1 branching nodes
+    nodes_.resize(n);
+    parallel_chunks(n, [&](size_t b, size_t e) {
+        for (size_t i = b; i < e; ++i) {
+            if (i + 16 < e) __builtin_prefetch(leaf_hash.data() + 32 * size_t(uint32_t(order[i + 16])));
+            PNode& l = nodes_[i];
+            const uint32_t a = uint32_t(order[i]);
+            std::memcpy(l.hash, leaf_hash.data() + 32 * size_t(a), 32);
+            l.key = uint32_t(order[i] >> 32);
+            l.count = 1;
+            l.child[0] = a;
+            l.child[1] = kNil;
+            l.min_arr = l.max_arr = a;
+        }
+    });
+    std::vector<uint64_t>().swap(order);
+    std::vector<uint8_t>().swap(leaf_hash);
+
+    // Structure: the keys are sorted, so the tree is built along its right spine (a stack); the
+    // branching node between neighbours i-1, i sits at level bitlen(key[i-1] ^ key[i]). A node's
+    // top is fixed when it gets its final parent (the popped subtree moves under the new node).
+    std::vector<std::vector<uint32_t>> by_level(kMaxDepth + 1);
+    std::vector<uint8_t> top(2 * n, 0);  // compact copy of the tops for the sweep below
+    std::vector<uint32_t> spine;
+    spine.reserve(kMaxDepth + 2);
+    for (size_t i = 0; i < n; ++i) {
+        if (i > 0) {
+            const int level = bitlen(nodes_[i - 1].key ^ nodes_[i].key);
+            uint32_t last = kNil;
+            while (!spine.empty() && nodes_[spine.back()].level < level) {
+                last = spine.back();
+                spine.pop_back();
+            }
+            const uint32_t id = uint32_t(nodes_.size());
+            PNode b{};
+            b.level = uint8_t(level);
+            b.key = shr(nodes_[i].key, level);
+            b.child[0] = last;
+            b.child[1] = uint32_t(i);
+            if (!spine.empty()) {
+                PNode& p = nodes_[spine.back()];
+                p.child[1] = id;
+                b.top = uint8_t(p.level - 1);
+            }
+            nodes_.push_back(b);
+            nodes_[last].top = uint8_t(level - 1);
+            nodes_[i].top = uint8_t(level - 1);
+            top[last] = top[i] = uint8_t(level - 1);
+            top[id] = b.top;
+            spine.push_back(id);
+            by_level[size_t(level)].push_back(id);
+        }
+        spine.push_back(uint32_t(i));
+    }
+    root_ = spine.front();
+    nodes_[root_].top = uint8_t(depth);
+    top[root_] = uint8_t(depth);
+
+    // Hashes, level by level: at step j every node whose hash is at level j and whose top is higher
+    // moves up one level (empty sibling), and every branching node at level j + 1 is hashed from its
+    // children (whose tops are j). All hashes of one step are independent.
+    std::vector<uint32_t> active, next;
+    active.reserve(n);
+    for (size_t i = 0; i < n; ++i)
+        if (top[i] > 0) active.push_back(uint32_t(i));
+    for (int j = 0; j < depth; ++j) {
+        const uint8_t* e = empty_hash(j).data();
+        parallel_chunks(active.size(), [&](size_t b, size_t end) {
+            sha::NodeJob jobs[256];
+            size_t k = 0;
+            for (size_t i = b; i < end; ++i) {
+                if (i + 16 < end) __builtin_prefetch(&nodes_[active[i + 16]]);
+                PNode& a = nodes_[active[i]];
+                if (shr(a.key, j - a.level) & 1u) jobs[k++] = {e, a.hash, a.count, a.hash};
+                else jobs[k++] = {a.hash, e, a.count, a.hash};
+                if (k == 256) {
+                    sha::node_hash_batch(jobs, k);
+                    k = 0;
+                }
+            }
+            sha::node_hash_batch(jobs, k);
+        });
+        const std::vector<uint32_t>& fresh = by_level[size_t(j) + 1];
+        parallel_chunks(fresh.size(), [&](size_t b, size_t end) {
+            sha::NodeJob jobs[256];
+            size_t k = 0;
+            for (size_t i = b; i < end; ++i) {
+                if (i + 8 < end) {
+                    const PNode& q = nodes_[fresh[i + 8]];
+                    __builtin_prefetch(&nodes_[q.child[0]]);
+                    __builtin_prefetch(&nodes_[q.child[1]]);
+                }
+                PNode& p = nodes_[fresh[i]];
+                const PNode& l = nodes_[p.child[0]];
+                const PNode& r = nodes_[p.child[1]];
+                p.count = l.count + r.count;
+                p.min_arr = std::min(l.min_arr, r.min_arr);
+                p.max_arr = std::max(l.max_arr, r.max_arr);
+                jobs[k++] = {l.hash, r.hash, p.count, p.hash};
+                if (k == 256) {
+                    sha::node_hash_batch(jobs, k);
+                    k = 0;
+                }
+            }
+            sha::node_hash_batch(jobs, k);
+        });
+        next.clear();
+        for (uint32_t id : active)
+            if (top[id] > j + 1) next.push_back(id);
+        for (uint32_t id : fresh)
+            if (top[id] > j + 1) next.push_back(id);
+        active.swap(next);
+    }
+}
+
+// ------------------------------------------------------------------------------ snapshots, proofs
+
+void Smst::check_count(uint64_t c) const {
+    const uint64_t n = nonces_.size();
+    if (c == 0 || c > n)
+        throw SnapshotNotFound("no snapshot at count " + std::to_string(c) + ": the tree has " + std::to_string(n) +
+                               " leaves (valid counts are 1.." + std::to_string(n) + ")");
+}
+
+int Smst::depth_of_snapshot(uint64_t c) const {
+    if (c == nonces_.size()) return depth_for(max_nonce_);
+    uint32_t m = 0;
+    for (uint64_t a = 0; a < c; ++a) m = std::max(m, nonces_[size_t(a)]);
+    return depth_for(m);
+}
+
+// The snapshot's leaves all have keys < 2**depth_c: they sit below child 0 of every node above that level.
+uint32_t Smst::snapshot_start(int depth_c) const {
+    uint32_t id = root_;
+    while (nodes_[id].level > depth_c) id = nodes_[id].child[0];
+    return id;
+}
+
+Smst::Memo& Smst::memo_for(uint64_t c) {
+    auto it = memos_.find(c);
+    if (it != memos_.end()) return it->second;
+    if (memo_order_.size() >= kMemoCacheSize) {
+        memos_.erase(memo_order_.front());
+        memo_order_.erase(memo_order_.begin());
+    }
+    memo_order_.push_back(c);
+    return memos_[c];
+}
+
+Smst::HashCount Smst::hash_at(uint32_t id, int target, uint64_t c, Memo& memo) const {
+    const PNode& n = nodes_[id];
+    HashCount r;
+    if (n.min_arr >= c) {  // nothing of this subtree had arrived
+        r.hash = empty_hash(target);
+        r.count = 0;
+        return r;
+    }
+    if (n.max_arr < c && target == n.top) {  // untouched since c
+        std::memcpy(r.hash.data(), n.hash, 32);
+        r.count = n.count;
+        return r;
+    }
+    const bool at_top = target == n.top;
+    if (at_top) {
+        auto it = memo.find(id);
+        if (it != memo.end()) return it->second;
+    }
+    if (n.level == 0) {
+        leaf_hash_of(n.child[0], r.hash.data());
+        r.count = 1;
+    } else {
+        const HashCount a = hash_at(n.child[0], n.level - 1, c, memo);
+        const HashCount b = hash_at(n.child[1], n.level - 1, c, memo);
+        r.count = a.count + b.count;
+        sha::node_hash(a.hash.data(), b.hash.data(), r.count, r.hash.data());
+    }
+    carry_up(r.hash.data(), n.key, n.level, target, r.count);
+    if (at_top) memo.emplace(id, r);
+    return r;
+}
+
+uint32_t Smst::walk(uint64_t d, uint64_t c, int depth_c, Memo* memo, uint8_t* out) const {
+    const bool whole = c == nonces_.size();  // the current tree: stored hashes everywhere
+    uint32_t id = whole ? root_ : snapshot_start(depth_c);
+    int top = depth_c;
+    uint64_t rem = d;
+    for (;;) {
+        const PNode& n = nodes_[id];
+        if (out)
+            for (int j = n.level; j < top; ++j)
+                put_element(out + size_t(depth_c - 1 - j) * kProofElementSize, empty_hash(j).data(), 0);
+        if (n.level == 0) return n.child[0];
+        const PNode& l = nodes_[n.child[0]];
+        const PNode& r = nodes_[n.child[1]];
+        uint8_t* e = out ? out + size_t(depth_c - n.level) * kProofElementSize : nullptr;
+        int side;
+        if (whole) {
+            side = rem < l.count ? 0 : 1;
+            if (side) rem -= l.count;
+            const PNode& sib = side ? l : r;
+            if (e) put_element(e, sib.hash, sib.count);
+        } else {
+            const HashCount hl = hash_at(n.child[0], n.level - 1, c, *memo);
+            side = rem < hl.count ? 0 : 1;
+            if (side) {
+                rem -= hl.count;
+                if (e) put_element(e, hl.hash.data(), hl.count);
+            } else if (e) {
+                const HashCount hr = hash_at(n.child[1], n.level - 1, c, *memo);
+                put_element(e, hr.hash.data(), hr.count);
+            }
+        }
+        top = n.level - 1;
+        id = n.child[side];
+    }
+}
+
+static void check_index(uint64_t dense_index, uint64_t count) {
+    if (dense_index >= count)
+        throw std::out_of_range("dense index " + std::to_string(dense_index) + " out of range: the tree at count " +
+                                std::to_string(count) + " has dense indices 0.." +
+                                (count ? std::to_string(count - 1) : std::string("(none)")));
 }
 
 Hash Smst::root_at(uint64_t count) {
     std::lock_guard<std::mutex> lk(mu_);
-    if (count == 0) {
-        auto t = full_tree_unlocked();
-        return t->root();
+    sync_unlocked();
+    const uint64_t n = nonces_.size();
+    if (count == 0 && n == 0) return empty_hash(kDefaultDepth);
+    const uint64_t c = count == 0 ? n : count;
+    check_count(c);
+    Hash h;
+    if (c == n) {
+        std::memcpy(h.data(), nodes_[root_].hash, 32);
+        return h;
     }
-    return tree_at_unlocked(count)->root();
+    const int depth_c = depth_of_snapshot(c);
+    return hash_at(snapshot_start(depth_c), depth_c, c, memo_for(c)).hash;
 }
 
 int Smst::depth_at(uint64_t count) {
     std::lock_guard<std::mutex> lk(mu_);
     if (count == 0) return nonces_.empty() ? kDefaultDepth : depth_for(max_nonce_);
-    return tree_at_unlocked(count)->depth;
-}
-
-static void check_index(uint64_t dense_index, const Tree& t) {
-    if (dense_index >= t.count)
-        throw std::out_of_range("dense index " + std::to_string(dense_index) + " out of range: the tree at count " +
-                                std::to_string(t.count) + " has dense indices 0.." +
-                                (t.count ? std::to_string(t.count - 1) : std::string("(none)")));
+    check_count(count);
+    return depth_of_snapshot(count);
 }
 
 std::string Smst::proof(uint64_t dense_index, uint64_t count) {
     std::lock_guard<std::mutex> lk(mu_);
-    auto t = count == 0 ? full_tree_unlocked() : tree_at_unlocked(count);
-    check_index(dense_index, *t);
-    std::string out(size_t(t->depth) * kProofElementSize, '\0');
-    t->proof(dense_index, reinterpret_cast<uint8_t*>(out.data()));
+    sync_unlocked();
+    const uint64_t c = count == 0 ? nonces_.size() : count;
+    if (count) check_count(c);
+    check_index(dense_index, c);
+    const int depth_c = depth_of_snapshot(c);
+    std::string out(size_t(depth_c) * kProofElementSize, '\0');
+    Memo* memo = c == nonces_.size() ? nullptr : &memo_for(c);
+    walk(dense_index, c, depth_c, memo, reinterpret_cast<uint8_t*>(out.data()));
     return out;
 }
 
 void Smst::proofs(size_t n, const uint64_t* dense_indices, uint64_t count, uint8_t* out) {
     std::lock_guard<std::mutex> lk(mu_);
-    auto t = count == 0 ? full_tree_unlocked() : tree_at_unlocked(count);
-    for (size_t i = 0; i < n; ++i) check_index(dense_indices[i], *t);
-    const size_t stride = size_t(t->depth) * kProofElementSize;
-    if (n < 64 || n > 0xFFFFFFFFull) {
-        for (size_t i = 0; i < n; ++i) t->proof(dense_indices[i], out + i * stride);
+    sync_unlocked();
+    const uint64_t c = count == 0 ? nonces_.size() : count;
+    if (count) check_count(c);
+    for (size_t i = 0; i < n; ++i) check_index(dense_indices[i], c);
+    if (n == 0) return;
+    const int depth_c = depth_of_snapshot(c);
+    const size_t stride = size_t(depth_c) * kProofElementSize;
+    if (c == nonces_.size()) {
+        parallel_chunks(n, [&](size_t b, size_t e) {
+            for (size_t i = b; i < e; ++i) walk(dense_indices[i], c, depth_c, nullptr, out + i * stride);
+        });
         return;
     }
-    // Walk the leaves in index order so each level is read front to back (cache friendly).
-    std::vector<uint64_t> order(n);
-    for (size_t i = 0; i < n; ++i) order[i] = (dense_indices[i] << 32) | i;
-    sort_by_key(order);
-    for (uint64_t w : order) t->proof(w >> 32, out + size_t(uint32_t(w)) * stride);
+    Memo& memo = memo_for(c);
+    for (size_t i = 0; i < n; ++i) walk(dense_indices[i], c, depth_c, &memo, out + i * stride);
+}
+
+void Smst::arrivals(size_t n, const uint64_t* dense_indices, uint64_t count, uint32_t* out) {
+    std::lock_guard<std::mutex> lk(mu_);
+    sync_unlocked();
+    const uint64_t c = count == 0 ? nonces_.size() : count;
+    if (count) check_count(c);
+    for (size_t i = 0; i < n; ++i) check_index(dense_indices[i], c);
+    if (n == 0) return;
+    const int depth_c = depth_of_snapshot(c);
+    Memo* memo = c == nonces_.size() ? nullptr : &memo_for(c);
+    for (size_t i = 0; i < n; ++i) out[i] = walk(dense_indices[i], c, depth_c, memo, nullptr);
 }
 
 std::pair<uint32_t, std::string> Smst::artifact(uint64_t dense_index, uint64_t count) {
-    std::lock_guard<std::mutex> lk(mu_);
-    auto t = count == 0 ? full_tree_unlocked() : tree_at_unlocked(count);
-    check_index(dense_index, *t);
-    const uint32_t a = t->arrival[size_t(dense_index)];
-    return {nonces_[a], std::string(reinterpret_cast<const char*>(data_.data() + offsets_[a]),
-                                    size_t(offsets_[a + 1] - offsets_[a]))};
+    uint32_t a = 0;
+    arrivals(1, &dense_index, count, &a);
+    return arrival_leaf(a);
 }
 
 std::pair<uint32_t, std::string> Smst::arrival_leaf(uint64_t arrival_index) const {
@@ -555,6 +775,14 @@ std::pair<uint32_t, std::string> Smst::arrival_leaf(uint64_t arrival_index) cons
     const size_t a = size_t(arrival_index);
     return {nonces_[a], std::string(reinterpret_cast<const char*>(data_.data() + offsets_[a]),
                                     size_t(offsets_[a + 1] - offsets_[a]))};
+}
+
+size_t Smst::memory_bytes() const {
+    std::lock_guard<std::mutex> lk(mu_);
+    size_t memo = 0;
+    for (const auto& kv : memos_) memo += kv.second.size() * (sizeof(HashCount) + 32) + kv.second.bucket_count() * 8;
+    return nonces_.capacity() * 4 + data_.capacity() + offsets_.capacity() * 8 + set_.slots.capacity() * 8 +
+           nodes_.capacity() * sizeof(PNode) + memo;
 }
 
 }  // namespace cpoc::smst

@@ -12,6 +12,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <unordered_map>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -34,24 +35,26 @@ struct SnapshotNotFound : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
-// One node of a built tree. Level 0 holds the leaves sorted by key (= uint32 nonce).
-struct Node {
-    uint8_t hash[32];
-    uint32_t key;     // node position at its level: nonce >> level
-    uint32_t count;   // leaves below
-    uint32_t parent;  // index of the parent in the next level
-};
+// Number of threads the bulk paths (tree build, proofs) may use; default min(hardware threads, 8).
+// Results never depend on it (independent hashes, written to fixed places).
+void set_max_threads(int n);
+int max_threads();
 
-// An immutable tree over a fixed set of leaves (the full tree or a snapshot).
-struct Tree {
-    int depth = kDefaultDepth;
-    uint64_t count = 0;
-    std::vector<std::vector<Node>> levels;  // levels[0] = leaves (sorted), levels[depth] = {root}; empty if count 0
-    std::vector<uint32_t> arrival;          // arrival index of levels[0][i]
-
-    Hash root() const;
-    // Writes depth * 36 bytes, root -> leaf. dense_index must be < count.
-    void proof(uint64_t dense_index, uint8_t* out) const;
+// One node of the compressed (Patricia) form of the tree. A leaf (level 0) or a branching node at
+// `level` whose two children both hold leaves. The levels between a node and its parent are unary
+// (the other side empty); `hash` is the node's hash carried up through them to level `top` = the
+// parent's level - 1 (the root: top = depth), i.e. exactly the value the full binary tree has there.
+struct PNode {
+    uint8_t hash[32];   // hash at level `top` (valid unless dirty)
+    uint32_t key;       // leaf nonce >> level
+    uint32_t count;     // leaves below
+    uint32_t child[2];  // branching: child ids (bit level-1 of the key = 0 / 1); leaf: child[0] = arrival index
+    uint32_t min_arr;   // smallest / largest arrival index below (snapshots: a subtree is untouched
+    uint32_t max_arr;   // at count c when max_arr < c, absent when min_arr >= c)
+    uint8_t level;
+    uint8_t top;
+    uint8_t dirty;
+    uint8_t pad;
 };
 
 // Verification outcome codes (0 = valid); see verify_reason().
@@ -79,8 +82,12 @@ void verify_many(const uint8_t root[32], uint64_t count, size_t n, const uint64_
                  const uint32_t* nonces, const uint8_t* leaf_data, size_t leaf_len, const uint8_t* proofs,
                  size_t depth, int* codes);
 
-// The growing tree: leaves in arrival order plus a lazily (and incrementally) rebuilt full tree and
-// a small cache of snapshot trees. Thread-safe: every public method takes the object's mutex.
+// The growing tree: leaves in arrival order plus one compressed tree over all of them, updated
+// incrementally (new leaves are inserted, only their paths rehashed) or rebuilt in bulk (sorted
+// leaves, level by level, several hashes at once, on several threads). A snapshot (the tree of the
+// first c arrivals) is read from the same tree: subtrees untouched since c keep their hashes, the
+// others are recomputed on demand (per count, cached until the next insert).
+// Thread-safe: every public method takes the object's mutex.
 class Smst {
    public:
     Smst();
@@ -88,7 +95,8 @@ class Smst {
     // Throws std::invalid_argument on an empty vector or a duplicate nonce; the tree is unchanged then.
     void insert(uint32_t nonce, const uint8_t* vector, size_t len);
     // All-or-nothing: vectors[i] has lens[i] bytes. Duplicates (against the tree or inside the batch)
-    // and empty vectors are rejected before anything changes.
+    // and empty vectors are rejected before anything changes. The caller's buffers must not change
+    // during the call (the bindings pass private copies).
     void extend(size_t n, const uint32_t* nonces, const uint8_t* const* vectors, const size_t* lens);
     // Same for n fixed-length vectors stored contiguously ([n, len] bytes).
     void extend_fixed(size_t n, const uint32_t* nonces, const uint8_t* vectors, size_t len);
@@ -106,8 +114,12 @@ class Smst {
     void proofs(size_t n, const uint64_t* dense_indices, uint64_t count, uint8_t* out);
     // (nonce, vector) of the leaf at dense_index of the snapshot.
     std::pair<uint32_t, std::string> artifact(uint64_t dense_index, uint64_t count);
+    // Arrival indices of the leaves at dense_indices of the snapshot (all checked first).
+    void arrivals(size_t n, const uint64_t* dense_indices, uint64_t count, uint32_t* out);
     // Leaf in arrival order (0-based).
     std::pair<uint32_t, std::string> arrival_leaf(uint64_t arrival_index) const;
+    // Bytes held by the tree's arrays (leaves, nodes, nonce set, snapshot caches).
+    size_t memory_bytes() const;
 
    private:
     struct NonceSet {
@@ -118,23 +130,45 @@ class Smst {
         void reserve(size_t n);
         void clear();
     };
+    struct HashCount {
+        Hash hash;
+        uint32_t count;
+    };
+    using Memo = std::unordered_map<uint32_t, HashCount>;
 
     void check_vectors(size_t n, const size_t* lens) const;
     void append_unlocked(uint32_t nonce, const uint8_t* vector, size_t len);
     void rollback_set();
-    std::shared_ptr<const Tree> full_tree_unlocked();
-    std::shared_ptr<const Tree> tree_at_unlocked(uint64_t count);
+    void leaf_hash_of(uint32_t arrival, uint8_t out[32]) const;
+
+    // Brings the tree up to all leaves inserted so far (and the current depth).
+    void sync_unlocked();
+    void rebuild_unlocked();
+    void insert_leaf_unlocked(uint32_t key, uint32_t arrival);
+    void rehash_unlocked(uint32_t id);
+
+    // The snapshot at count c (1..count()): its depth and the node whose subtree holds its leaves.
+    void check_count(uint64_t c) const;
+    int depth_of_snapshot(uint64_t c) const;
+    uint32_t snapshot_start(int depth_c) const;
+    Memo& memo_for(uint64_t c);
+    // (hash at level `target`, leaf count) of node id's subtree restricted to arrivals < c.
+    HashCount hash_at(uint32_t id, int target, uint64_t c, Memo& memo) const;
+    // Follows dense index d of the snapshot down to its leaf; writes the proof when out != nullptr.
+    uint32_t walk(uint64_t d, uint64_t c, int depth_c, Memo* memo, uint8_t* out) const;
 
     mutable std::mutex mu_;
     std::vector<uint32_t> nonces_;
     std::vector<uint8_t> data_;
     std::vector<uint64_t> offsets_;  // size count + 1
-    std::vector<uint8_t> leaf_hashes_;  // 32 per hashed leaf
     NonceSet set_;
     uint32_t max_nonce_ = 0;
-    std::shared_ptr<const Tree> full_;
-    std::map<uint64_t, std::shared_ptr<const Tree>> snapshots_;  // small cache, evicts the oldest inserted
-    std::vector<uint64_t> snapshot_order_;
+
+    std::vector<PNode> nodes_;
+    uint32_t root_;
+    uint64_t synced_ = 0;  // leaves (arrival prefix) in nodes_
+    std::map<uint64_t, Memo> memos_;  // per snapshot count; cleared when leaves are added
+    std::vector<uint64_t> memo_order_;
 };
 
 }  // namespace cpoc::smst

@@ -26,6 +26,8 @@ class ProofRejected(ValueError):
 
 
 def _as_int(value, what: str) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{what} must be an integer, got {type(value).__name__}")
     try:
         return operator.index(value)
     except TypeError:
@@ -90,6 +92,12 @@ class SMST:
     ``insert``/``extend`` reject duplicate nonces and empty vectors (ValueError) and leave the tree
     unchanged then. Snapshots are the trees of the first ``count`` leaves in arrival order; any count
     in ``1..self.count`` is known (KeyError otherwise). Dense index = rank by uint32 nonce.
+
+    Native core: one compressed tree over all leaves, updated incrementally (a root after k new leaves
+    costs ~k * depth hashes) or rebuilt in bulk; snapshots are read from it (unchanged subtrees keep
+    their hashes; only those holding later leaves are recomputed). Memory ~130 bytes per leaf plus the
+    vectors. The native core and the pure-Python fallback give the same bytes and raise the same
+    exceptions.
     """
 
     def __init__(self):
@@ -135,61 +143,94 @@ class SMST:
         """32-byte root of all leaves so far (E[24] for an empty tree; a commit needs count > 0)."""
         return self._impl.root_at(0)
 
-    def _snapshot(self, count) -> int:
-        if count is None:
-            return 0
+    # Every argument is checked here, before the backend sees it, so that the C++ core and the
+    # oracle raise the same exceptions: TypeError (not an integer), KeyError (no snapshot at that
+    # count), IndexError (dense index outside the snapshot), ValueError (malformed array / buffer).
+    def _count(self, count) -> int:
+        """A snapshot count in 1..self.count (KeyError otherwise)."""
         c = _as_int(count, "count")
-        if not 1 <= c <= self.count:
-            raise KeyError(f"no snapshot at count {c}: the tree has {self.count} leaves "
-                           f"(snapshot counts are 1..{self.count})")
+        n = self.count
+        if not 1 <= c <= n:
+            raise KeyError(f"no snapshot at count {c}: the tree has {n} leaves (snapshot counts are 1..{n})")
         return c
 
-    def _dense(self, dense_index) -> int:
+    def _snapshot(self, count) -> int:
+        """count, or 0 (the current tree) for None."""
+        return 0 if count is None else self._count(count)
+
+    def _size(self, snap: int) -> int:
+        return snap if snap else self.count
+
+    def _dense(self, dense_index, snap: int) -> int:
         d = _as_int(dense_index, "dense_index")
-        if d < 0:
-            raise IndexError(f"dense index {d} is negative")
+        size = self._size(snap)
+        if not 0 <= d < size:
+            raise IndexError(f"dense index {d} out of range: the tree at count {size} has dense indices "
+                             f"0..{size - 1}" if size else f"dense index {d} out of range: the tree is empty")
         return d
 
+    def _dense_array(self, dense_indices, snap: int) -> np.ndarray:
+        """A private uint64 copy (never the caller's buffer) of valid dense indices."""
+        if hasattr(dense_indices, "detach"):  # torch.Tensor
+            dense_indices = dense_indices.detach().cpu().numpy()
+        idx = np.array(dense_indices, copy=True)
+        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+            raise ValueError("dense_indices must be a 1-D integer array")
+        size = self._size(snap)
+        if idx.size and (idx.min() < 0 or idx.max() >= size):
+            bad = int(idx[(idx < 0) | (idx >= size)][0])
+            raise IndexError(f"dense index {bad} out of range: the tree at count {size} has dense indices "
+                             f"0..{size - 1}")
+        return np.ascontiguousarray(idx, dtype=np.uint64)
+
     def snapshot_root(self, count: int) -> bytes:
-        """Root of the tree holding exactly the first ``count`` inserted leaves."""
-        return self._impl.root_at(self._snapshot(count))
+        """Root of the tree holding exactly the first ``count`` inserted leaves (1 <= count <= self.count)."""
+        return self._impl.root_at(self._count(count))
 
     def snapshot_depth(self, count: int) -> int:
-        return int(self._impl.depth_at(self._snapshot(count)))
+        return int(self._impl.depth_at(self._count(count)))
 
     def proof(self, dense_index: int, count: int | None = None) -> list[bytes]:
         """Inclusion proof: D elements root -> leaf, each sibling_hash(32) || LE32(sibling_count)."""
-        flat = self._impl.proof(self._dense(dense_index), self._snapshot(count))
+        snap = self._snapshot(count)
+        flat = self._impl.proof(self._dense(dense_index, snap), snap)
         return [flat[i:i + PROOF_ELEMENT_SIZE] for i in range(0, len(flat), PROOF_ELEMENT_SIZE)]
 
     def proofs(self, dense_indices, count: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
-        """Many proofs as uint8 [n, D, 36] (into ``out`` when given). All indices are checked first."""
+        """Many proofs as uint8 [n, D, 36] (into ``out`` when given). All indices are checked first.
+
+        ``out`` may share memory with ``dense_indices`` (the indices are copied first)."""
         snap = self._snapshot(count)
-        idx = np.asarray(dense_indices)
-        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
-            raise ValueError("dense_indices must be a 1-D integer array")
-        if idx.size and idx.min() < 0:
-            raise IndexError("dense indices must be >= 0")
-        idx = np.ascontiguousarray(idx, dtype=np.uint64)
-        if not self.native:
-            rows = [np.frombuffer(self._impl.proof(int(i), snap), np.uint8) for i in idx]
-            depth = self._impl.depth_at(snap)
-            res = np.stack(rows).reshape(len(idx), depth, PROOF_ELEMENT_SIZE) if rows else \
-                np.empty((0, depth, PROOF_ELEMENT_SIZE), np.uint8)
-            if out is not None:
-                out[...] = res
-                return out
-            return res
+        size = self._size(snap)
+        idx = self._dense_array(dense_indices, snap)
+        depth = int(self._impl.depth_at(size)) if size else int(self._impl.depth_at(0))
+        if out is not None and not (isinstance(out, np.ndarray) and out.dtype == np.uint8
+                                    and out.shape == (len(idx), depth, PROOF_ELEMENT_SIZE)
+                                    and out.flags.c_contiguous and out.flags.writeable):
+            raise ValueError(f"out must be a writable C-contiguous uint8 array of shape ({len(idx)}, {depth}, 36)")
+        if self.native:
+            return self._impl.proofs(idx, size, out)
+        res = np.empty((len(idx), depth, PROOF_ELEMENT_SIZE), np.uint8)
+        for k, i in enumerate(idx):
+            res[k] = np.frombuffer(self._impl.proof(int(i), snap), np.uint8).reshape(depth, PROOF_ELEMENT_SIZE)
         if out is not None:
-            depth = self._impl.depth_at(snap if snap else self.count)
-            if not (isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == (len(idx), depth, 36)
-                    and out.flags.c_contiguous and out.flags.writeable):
-                raise ValueError(f"out must be a writable C-contiguous uint8 array of shape ({len(idx)}, {depth}, 36)")
-        return self._impl.proofs(idx, snap if snap else self.count, out)
+            out[...] = res
+            return out
+        return res
 
     def artifact(self, dense_index: int, count: int | None = None) -> tuple[int, bytes]:
         """(nonce, vector) of the leaf at dense_index (of the snapshot at count)."""
-        return self._impl.artifact(self._dense(dense_index), self._snapshot(count))
+        snap = self._snapshot(count)
+        return self._impl.artifact(self._dense(dense_index, snap), snap)
+
+    def artifacts(self, dense_indices, count: int | None = None) -> tuple[np.ndarray, list[bytes]]:
+        """(nonces int32 [n], vectors) of the leaves at dense_indices (of the snapshot at count)."""
+        snap = self._snapshot(count)
+        idx = self._dense_array(dense_indices, snap)
+        if self.native:
+            return self._impl.artifacts(idx, snap)
+        leaves = [self._impl.artifact(int(i), snap) for i in idx]
+        return np.array([n for n, _ in leaves], dtype=np.int32), [v for _, v in leaves]
 
     def arrival_leaf(self, arrival_index: int) -> tuple[int, bytes]:
         """(nonce, vector) of the i-th inserted leaf (arrival order)."""
