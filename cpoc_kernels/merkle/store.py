@@ -1,18 +1,30 @@
 """Append-only on-disk artifact log with flushed (count, root) commitments (the network's layout).
 
-Directory contents (pocv2_protocol.md §1.5):
-- ``artifacts.data``: records ``[LE32 len = 4 + len(vector)][LE32 nonce][vector]`` in arrival order;
-- ``flushed_roots.jsonl``: one ``{"count": c, "root": hex}`` line per flush.
+Directory contents (pocv2_protocol.md §1.5; see ``store_log``): ``artifacts.data`` (records in arrival order),
+``flushed_roots.jsonl`` (one ``{"count", "root"}`` line per flush), plus this package's ``artifacts.sums``
+(a checksum per record) and ``store.lock``; the network's code reads the first two unchanged.
 
-Reopening replays the log into the same SMST. A torn final record (or roots line), as left by a
-crash mid-write, is cut off the file and never used; anything else malformed raises ValueError.
+- One opener at a time: an exclusive ``flock`` on ``store.lock`` (StoreLockedError for a second opener, in
+  this or another process). All methods are serialized by a lock, so threads can share a store.
+- Opening checks everything before it changes anything: every record against its checksum, the record
+  layout, no duplicate nonce, and the root at *every* flushed count recomputed from the log. Only then is a
+  torn tail (a crash mid-write: a partial record, records without a checksum after the last flush, a
+  partial roots line) cut off. A failed open leaves every file byte for byte as it was.
+- Writes go to known offsets (``pwrite``); a failed write is cut back to the last whole state before the
+  error is raised, and the in-memory state changes only after the bytes are on disk. A retried flush after
+  e.g. ENOSPC writes its line once.
+- Roots and proofs come from ``store_index.CommitmentIndex``: a flush costs what was added since the last
+  one, proofs at any flushed count need no tree rebuild.
 Only PoC v2 vectors (24 bytes, finite fp16) are accepted and served.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import operator
 import os
-import struct
+import stat
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,18 +32,32 @@ from pathlib import Path
 
 import numpy as np
 
-from cpoc_kernels.merkle.artifact import (
-    POCV2_VECTOR_BYTES,
-    first_non_finite,
-    validate_pocv2_vector,
-    validate_pocv2_vectors,
+from cpoc_kernels.merkle.artifact import validate_pocv2_vector, validate_pocv2_vectors
+from cpoc_kernels.merkle.smst import _as_nonce, _nonce_array
+from cpoc_kernels.merkle.store_index import CommitmentIndex
+from cpoc_kernels.merkle.store_log import (
+    DATA_FILE,
+    LOCK_FILE,
+    RECORD_BYTES,
+    ROOTS_FILE,
+    SUMS_FILE,
+    check_sums,
+    encode_record,
+    encode_records,
+    parse_roots,
+    read_regular,
+    record_checksums,
+    scan_records,
 )
-from cpoc_kernels.merkle.smst import SMST, _as_nonce, _nonce_array
 
-DATA_FILE = "artifacts.data"
-ROOTS_FILE = "flushed_roots.jsonl"
-_HEADER = struct.Struct("<II")  # len, nonce (nonce as the uint32 bit pattern)
-RECORD_BYTES = 8 + POCV2_VECTOR_BYTES  # every PoC v2 record: LE32 len (= 28), LE32 nonce, 24 bytes
+__all__ = ["ArtifactStore", "ServedArtifact", "StoreLockedError", "encode_record", "encode_records",
+           "DATA_FILE", "ROOTS_FILE", "SUMS_FILE", "LOCK_FILE", "RECORD_BYTES"]
+
+_pwrite = os.pwrite  # the one write primitive (tests inject failures here)
+
+
+class StoreLockedError(RuntimeError):
+    """The store directory is already open (another process, or another ArtifactStore in this one)."""
 
 
 @dataclass(frozen=True)
@@ -44,47 +70,13 @@ class ServedArtifact:
     proof: list[bytes]
 
 
-def encode_record(nonce: int, vector: bytes) -> bytes:
-    """``[LE32 4 + len(vector)][LE32 uint32(nonce)][vector]``."""
-    return _HEADER.pack(4 + len(vector), nonce & 0xFFFFFFFF) + vector
-
-
-def _scan_log(blob: bytes, path: Path) -> tuple[np.ndarray, np.ndarray, int]:
-    """Parses the log: (nonces int32 [n], vectors uint8 [n, 24], end of the last whole record).
-
-    Every valid record is 32 bytes (24-byte vectors), so the whole records are checked at once. Bytes
-    after them are a torn record (cut mid-write) unless their header is impossible (ValueError).
-    """
-    n = len(blob) // RECORD_BYTES
-    records = np.frombuffer(blob, np.uint8, count=n * RECORD_BYTES).reshape(n, RECORD_BYTES)
-    header = np.ascontiguousarray(records[:, :8]).view("<u4")  # [n, 2]: len, nonce bits
-    wrong = np.flatnonzero(header[:, 0] != 4 + POCV2_VECTOR_BYTES)
-    if wrong.size:
-        i = int(wrong[0])
-        raise ValueError(f"{path}: corrupt record at byte {i * RECORD_BYTES}: length {int(header[i, 0])} "
-                         f"(a PoC v2 record is {4 + POCV2_VECTOR_BYTES})")
-    rows = records[:, 8:]
-    bad = first_non_finite(rows)
-    if bad is not None:
-        i, j, bits = bad
-        raise ValueError(f"{path}: corrupt record at byte {i * RECORD_BYTES}: PoC v2 vector element {j} "
-                         f"is NaN/Inf (fp16 0x{bits:04x})")
-    tail = blob[n * RECORD_BYTES:]
-    if len(tail) >= 4:
-        (length,) = struct.unpack_from("<I", tail)
-        if length != 4 + POCV2_VECTOR_BYTES:  # a whole record would not fit in < 32 bytes either
-            raise ValueError(f"{path}: corrupt record at byte {n * RECORD_BYTES}: length {length} "
-                             f"(a PoC v2 record is {4 + POCV2_VECTOR_BYTES})")
-    return header[:, 1].view(np.int32), np.ascontiguousarray(rows), n * RECORD_BYTES
-
-
-def encode_records(nonces: np.ndarray, rows: np.ndarray) -> bytes:
-    """Records of int32 nonces [n] and 24-byte vectors uint8 [n, 24], concatenated."""
-    out = np.empty((len(nonces), RECORD_BYTES), np.uint8)
-    out[:, :4] = np.frombuffer(struct.pack("<I", 4 + POCV2_VECTOR_BYTES), np.uint8)
-    out[:, 4:8] = nonces.astype("<i4").view(np.uint8).reshape(-1, 4)
-    out[:, 8:] = rows
-    return out.tobytes()
+def _write_at(fd: int, payload: bytes, offset: int) -> None:
+    view = memoryview(payload)
+    while view:
+        n = _pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(f"short write ({n}) at offset {offset}")
+        view, offset = view[n:], offset + n
 
 
 def _fsync_dir(path: Path) -> None:
@@ -95,121 +87,175 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class ArtifactStore:
-    """The artifact log of one PoC stage and model, with its SMST.
+def _open_regular(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{path}: not a regular file")
+    return fd
 
-    ``append``/``extend`` validate first (ValueError: bad vector, duplicate nonce; nothing written
-    then), append to the log and the tree, and flush when ``flush_interval_s`` has passed since the
-    last flush (None: only explicit ``flush()``). ``flush()`` makes the log durable, then records
-    ``(count, root)``. Proofs are served only for flushed commitments.
+
+class ArtifactStore:
+    """The artifact log of one PoC stage and model, with its commitments.
+
+    ``append``/``extend`` validate first (ValueError: bad vector, duplicate nonce; nothing written then),
+    write the records, and flush when ``flush_interval_s`` has passed since the last flush (None: only
+    explicit ``flush()``). ``flush()`` makes the log durable, then records ``(count, root)``. Proofs are
+    served only for flushed commitments.
     """
 
     def __init__(self, directory: str | os.PathLike, *, flush_interval_s: float | None = 5.0,
                  fsync: bool = True, clock: Callable[[], float] = time.monotonic):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.flush_interval_s = flush_interval_s
         self._fsync = fsync
         self._clock = clock
-        self.tree = SMST()
-        self._flushed: list[tuple[int, bytes]] = []
-        self.torn_bytes_dropped = 0  # bytes cut off the end of the log when it was opened
-        self._replay_log()
-        self._replay_roots()
-        self._data = open(self.directory / DATA_FILE, "ab")
-        self._roots = open(self.directory / ROOTS_FILE, "ab")
-        self._last_flush = self._clock()
+        self._mu = threading.RLock()
+        self._fds: dict[str, int] = {}
+        self._closed = True
         self._broken: BaseException | None = None
+        self.torn_bytes_dropped = 0  # bytes cut off the end of the log when it was opened
+        self.sums_created = False    # True when the log had no checksum file (e.g. written by another program)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _open_regular(self.directory / LOCK_FILE)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise StoreLockedError(f"{self.directory}: the artifact store is already open (another process or "
+                                   f"another ArtifactStore in this process holds {LOCK_FILE}); close it first") from None
+        try:
+            self._open()
+        except BaseException:
+            for fd in self._fds.values():
+                os.close(fd)
+            os.close(self._lock_fd)
+            raise
+        self._closed = False
+        self._last_flush = self._clock()
 
     # ------------------------------------------------------------------ opening
-    def _replay_log(self) -> None:
-        path = self.directory / DATA_FILE
-        blob = path.read_bytes() if path.exists() else b""
-        nonces, rows, end = _scan_log(blob, path)
-        if end < len(blob):
-            self.torn_bytes_dropped = len(blob) - end
-            with open(path, "r+b") as f:
-                f.truncate(end)
-                f.flush()
-                os.fsync(f.fileno())
-        if len(nonces):
-            try:
-                self.tree.extend(nonces, rows)
-            except ValueError as exc:
-                raise ValueError(f"{path}: corrupt log: {exc}") from None
+    def _open(self) -> None:
+        d = self.directory
+        data_path, roots_path, sums_path = d / DATA_FILE, d / ROOTS_FILE, d / SUMS_FILE
+        blob = read_regular(data_path) or b""
+        raw_roots = read_regular(roots_path) or b""
+        sums = read_regular(sums_path)
+        nonces, rows, end = scan_records(blob, data_path)
+        flushed, roots_end = parse_roots(raw_roots, len(nonces), roots_path)
+        committed = flushed[-1][0] if flushed else 0
+        if sums is None:
+            n = len(nonces)
+        else:
+            n = min(len(sums) // 4, len(nonces))
+            check_sums(blob, n, sums, data_path)
+            if n < committed:
+                raise ValueError(f"{sums_path}: checksums for only {n} records, but {committed} were flushed "
+                                 f"({roots_path}); the checksum file is damaged")
+        nonces, rows = nonces[:n], rows[:n]
+        order = np.argsort(nonces.view(np.uint32), kind="stable")
+        same = np.flatnonzero(nonces[order][1:] == nonces[order][:-1])
+        if same.size:
+            a, b = sorted((int(order[same[0]]), int(order[same[0] + 1])))
+            raise ValueError(f"{data_path}: corrupt log: duplicate nonce {int(nonces[a])} (records {a} and {b})")
+        index = CommitmentIndex()
+        index.append(nonces, rows)
+        roots = index.replay([c for c, _ in flushed])
+        for i, ((count, root), got) in enumerate(zip(flushed, roots)):
+            if got != root:
+                raise ValueError(f"{roots_path}: line {i + 1}: flushed root at count {count} does not match the "
+                                 f"log's first {count} records (root {root.hex()}, log gives {got.hex()})")
+        # Everything checked: only now cut torn tails and create what is missing.
+        self._fds = {name: _open_regular(d / name) for name in (DATA_FILE, ROOTS_FILE, SUMS_FILE)}
+        if n * RECORD_BYTES < len(blob):
+            self.torn_bytes_dropped = len(blob) - n * RECORD_BYTES
+            self._cut(DATA_FILE, n * RECORD_BYTES)
+        if roots_end < len(raw_roots):
+            self._cut(ROOTS_FILE, roots_end)
+        if sums is None:
+            self.sums_created = n > 0
+            if n:
+                records = np.frombuffer(blob, np.uint8, count=n * RECORD_BYTES).reshape(n, RECORD_BYTES)
+                _write_at(self._fds[SUMS_FILE], record_checksums(records, 0).astype("<u4").tobytes(), 0)
+                os.fsync(self._fds[SUMS_FILE])
+        elif len(sums) != 4 * n:
+            self._cut(SUMS_FILE, 4 * n)
+        self._index = index
+        self._n = n
+        self._roots_size = roots_end
+        self._flushed = list(flushed)
+        self._commit_of = {count: i for i, (count, _) in enumerate(flushed)}
+        self._pending: set[int] = set()  # nonces added since the index last saw them (none after a replay)
 
-    def _replay_roots(self) -> None:
-        path = self.directory / ROOTS_FILE
-        if not path.exists():
-            return
-        raw = path.read_bytes()
-        lines = raw.split(b"\n")
-        good_end = 0
-        for i, line in enumerate(lines):
-            last = i == len(lines) - 1
-            if last and line == b"":
-                break
-            try:
-                entry = json.loads(line)
-                count, root = int(entry["count"]), bytes.fromhex(entry["root"])
-                if len(root) != 32:
-                    raise ValueError("root is not 32 bytes")
-            except (ValueError, KeyError, TypeError) as exc:
-                if last:  # a torn final line (no newline): drop it
-                    break
-                raise ValueError(f"{path}: corrupt line {i + 1}: {exc}") from None
-            if last:  # complete JSON but no newline: still a torn write, drop it
-                break
-            if self._flushed and count <= self._flushed[-1][0]:
-                raise ValueError(f"{path}: line {i + 1}: flushed counts must increase ({count})")
-            if count > self.tree.count:
-                raise ValueError(f"{path}: line {i + 1}: flushed count {count} but the log holds only "
-                                 f"{self.tree.count} records")
-            self._flushed.append((count, root))
-            good_end += len(line) + 1
-        if good_end < len(raw):
-            with open(path, "r+b") as f:
-                f.truncate(good_end)
-                f.flush()
-                os.fsync(f.fileno())
-        if self._flushed:
-            count, root = self._flushed[-1]
-            if self.tree.snapshot_root(count) != root:
-                raise ValueError(f"{path}: flushed root at count {count} does not match the log's tree")
+    def _cut(self, name: str, size: int) -> None:
+        fd = self._fds[name]
+        os.ftruncate(fd, size)
+        os.fsync(fd)
 
     # ------------------------------------------------------------------ writing
-    def _check_usable(self) -> None:
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise ValueError("the artifact store is closed")
         if self._broken is not None:
-            raise RuntimeError(f"a write to the artifact log failed ({self._broken!r}); reopen the store")
-
-    def _write(self, payload: bytes) -> None:
-        try:
-            self._data.write(payload)
-        except BaseException as exc:
-            self._broken = exc
-            raise
+            raise RuntimeError(f"a write to the artifact store failed and could not be undone ({self._broken!r}); "
+                               f"reopen the store")
 
     def append(self, nonce: int, vector: bytes) -> None:
         """Adds one artifact (nonce int32, 24-byte finite fp16 vector)."""
-        self._check_usable()
-        nonce, vector = _as_nonce(nonce), validate_pocv2_vector(vector)
-        if nonce in self.tree:
-            raise ValueError(f"duplicate nonce {nonce} (already in the log)")
-        self._write(encode_record(nonce, vector))
-        self.tree.insert(nonce, vector)
-        self._maybe_flush()
+        with self._mu:
+            self._check_writable()
+            nonce, vector = _as_nonce(nonce), validate_pocv2_vector(vector)
+            self._add(np.array([nonce], np.int32), np.frombuffer(vector, np.uint8).reshape(1, -1))
 
     def extend(self, nonces, vectors) -> None:
         """Adds artifacts in order, all or nothing (validated before anything is written). nonces: int32
         [n] (list/array/tensor); vectors: list of 24-byte bytes, uint8 [n, 24] or fp16 [n, 12]."""
-        self._check_usable()
-        nonce_arr = _nonce_array(nonces)
-        rows = validate_pocv2_vectors(vectors)
-        if len(rows) != len(nonce_arr):
-            raise ValueError(f"got {len(nonce_arr)} nonces but {len(rows)} vectors")
-        self.tree.extend(nonce_arr, rows)  # atomic: duplicates raise before any change
-        self._write(encode_records(nonce_arr, rows))
+        with self._mu:
+            self._check_writable()
+            nonce_arr = _nonce_array(nonces)
+            rows = validate_pocv2_vectors(vectors)
+            if len(rows) != len(nonce_arr):
+                raise ValueError(f"got {len(nonce_arr)} nonces but {len(rows)} vectors")
+            if len(nonce_arr):
+                self._add(nonce_arr, rows)
+
+    def _add(self, nonces: np.ndarray, rows: np.ndarray) -> None:
+        self._check_duplicates(nonces)
+        n0 = self._n
+        records = encode_records(nonces, rows)
+        try:
+            _write_at(self._fds[SUMS_FILE], record_checksums(records, n0).astype("<u4").tobytes(), 4 * n0)
+            _write_at(self._fds[DATA_FILE], records.tobytes(), RECORD_BYTES * n0)
+            self._index.append(nonces, rows)
+        except BaseException:
+            self._undo_write(n0)
+            raise
+        self._n += len(nonces)
+        self._pending.update(nonces.tolist())
         self._maybe_flush()
+
+    def _check_duplicates(self, nonces: np.ndarray) -> None:
+        s = np.sort(nonces)
+        inside = np.flatnonzero(s[1:] == s[:-1])
+        if inside.size:
+            raise ValueError(f"duplicate nonce {int(s[inside[0]])} inside the batch (nothing was written)")
+        known = np.flatnonzero(self._index.contains_any(nonces.view(np.uint32)))
+        if known.size:
+            raise ValueError(f"duplicate nonce {int(nonces[known[0]])} (already in the log; nothing was written)")
+        if self._pending:
+            for x in nonces.tolist():
+                if x in self._pending:
+                    raise ValueError(f"duplicate nonce {x} (already in the log; nothing was written)")
+
+    def _undo_write(self, n0: int) -> None:
+        """Cuts both files back to n0 records; a store whose cut fails refuses further writes."""
+        try:
+            os.ftruncate(self._fds[DATA_FILE], RECORD_BYTES * n0)
+            os.ftruncate(self._fds[SUMS_FILE], 4 * n0)
+            if self._index.count != n0:
+                raise RuntimeError("in-memory records changed during a failed write")
+        except BaseException as exc:
+            self._broken = exc
 
     def _maybe_flush(self) -> None:
         if self.flush_interval_s is not None and self._clock() - self._last_flush >= self.flush_interval_s:
@@ -217,30 +263,54 @@ class ArtifactStore:
 
     def flush(self) -> tuple[int, bytes] | None:
         """Makes the log durable and records (count, root); None while the log is empty."""
-        self._check_usable()
-        self._last_flush = self._clock()
-        self._data.flush()
-        if self._fsync:
-            os.fsync(self._data.fileno())
-        count = self.tree.count
-        if count == 0:
-            return None
-        if self._flushed and self._flushed[-1][0] == count:
-            return self._flushed[-1]
-        root = self.tree.root
-        self._roots.write(json.dumps({"count": count, "root": root.hex()}).encode() + b"\n")
-        self._roots.flush()
-        if self._fsync:
-            os.fsync(self._roots.fileno())
-            if len(self._flushed) == 0:
-                _fsync_dir(self.directory)
-        self._flushed.append((count, root))
-        return count, root
+        with self._mu:
+            self._check_writable()
+            self._last_flush = self._clock()
+            if self._fsync:
+                os.fsync(self._fds[SUMS_FILE])
+                os.fsync(self._fds[DATA_FILE])
+            count = self._n
+            if count == 0:
+                return None
+            if self._flushed and self._flushed[-1][0] == count:
+                return self._flushed[-1]
+            try:
+                _, root = self._index.commit()
+            except BaseException as exc:
+                self._broken = exc
+                raise
+            self._pending.clear()
+            line = json.dumps({"count": count, "root": root.hex()}).encode() + b"\n"
+            fd = self._fds[ROOTS_FILE]
+            try:
+                _write_at(fd, line, self._roots_size)
+                if self._fsync:
+                    os.fsync(fd)
+                    if not self._flushed:
+                        _fsync_dir(self.directory)
+            except BaseException:
+                try:
+                    os.ftruncate(fd, self._roots_size)
+                except BaseException as exc:
+                    self._broken = exc
+                raise
+            self._roots_size += len(line)
+            self._commit_of[count] = len(self._index.commit_counts) - 1
+            self._flushed.append((count, root))
+            return count, root
 
     # ------------------------------------------------------------------ reading
     @property
     def count(self) -> int:
-        return self.tree.count
+        return self._n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __contains__(self, nonce) -> bool:
+        with self._mu:
+            n = _as_nonce(nonce)
+            return n in self._pending or bool(self._index.contains_any(np.array([n], np.int32).view(np.uint32))[0])
 
     @property
     def flushed(self) -> list[tuple[int, bytes]]:
@@ -249,40 +319,58 @@ class ArtifactStore:
 
     def root_at(self, count: int) -> bytes:
         """Root of a flushed commitment; KeyError for any count that was not flushed."""
-        for c, root in self._flushed:
-            if c == count:
-                return root
-        raise KeyError(f"count {count} is not a flushed commitment (flushed: {[c for c, _ in self._flushed]})")
+        c = operator.index(count)
+        if c not in self._commit_of:
+            raise KeyError(f"count {c} is not a flushed commitment (flushed: {[c for c, _ in self._flushed]})")
+        return self._index.commit_roots[self._commit_of[c]]
 
     def artifacts_and_proofs(self, dense_indices: Sequence[int], count: int,
                              root: bytes | None = None) -> list[ServedArtifact]:
         """GetArtifactsAndProofs: artifacts at dense indices of the flushed snapshot ``count`` with their
         proofs. KeyError: count not flushed; ValueError: ``root`` is not the flushed root at count;
         IndexError: an index >= count."""
-        flushed_root = self.root_at(count)
-        if root is not None and bytes(root) != flushed_root:
-            raise ValueError(f"root {bytes(root).hex()} is not the flushed root at count {count}")
-        indices = [int(i) for i in dense_indices]
-        for i in indices:
-            if not 0 <= i < count:
-                raise IndexError(f"leaf index {i} out of range for count {count}")
-        proofs = self.tree.proofs(np.array(indices, dtype=np.int64), count=count)
-        served = []
-        for i, p in zip(indices, proofs):
-            nonce, vector = self.tree.artifact(i, count=count)
-            validate_pocv2_vector(vector)
-            served.append(ServedArtifact(i, nonce, vector, [row.tobytes() for row in p]))
-        return served
+        with self._mu:
+            if self._closed:
+                raise ValueError("the artifact store is closed")
+            flushed_root = self.root_at(count)
+            if root is not None and bytes(root) != flushed_root:
+                raise ValueError(f"root {bytes(root).hex()} is not the flushed root at count {count}")
+            indices = [operator.index(i) for i in dense_indices]
+            for i in indices:
+                if not 0 <= i < count:
+                    raise IndexError(f"leaf index {i} out of range for count {count}")
+            if not indices:
+                return []
+            proofs, arrival, recomputed = self._index.proofs(self._commit_of[count], np.array(indices, np.int64))
+            if recomputed != flushed_root:
+                raise ValueError(f"the log no longer gives the flushed root at count {count}; refusing to serve")
+            served = []
+            for i, p, a in zip(indices, proofs, arrival):
+                nonce, vector = self._index.record(int(a))
+                served.append(ServedArtifact(i, nonce, validate_pocv2_vector(vector), [e.tobytes() for e in p]))
+            return served
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
-        """Flushes the log's buffer (not a commitment) and closes the files."""
-        if not self._data.closed:
-            self._data.flush()
-            if self._fsync:
-                os.fsync(self._data.fileno())
-            self._data.close()
-            self._roots.close()
+        """Makes the log durable (not a commitment), closes the files and releases the lock."""
+        with self._mu:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                if self._fsync and self._broken is None:
+                    os.fsync(self._fds[SUMS_FILE])
+                    os.fsync(self._fds[DATA_FILE])
+            finally:
+                for fd in self._fds.values():
+                    os.close(fd)
+                os.close(self._lock_fd)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def __enter__(self) -> ArtifactStore:
         return self
