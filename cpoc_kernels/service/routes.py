@@ -7,6 +7,7 @@ service, 503 ``Engine not available`` while no service is attached.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from fastapi import APIRouter, HTTPException
@@ -23,7 +24,10 @@ def build_router(service: ServiceSource, prefix: str = PREFIX) -> APIRouter:
     """Routes over ``service``: a :class:`PoCService`, or a zero-argument callable returning one (or None while
     the engine is not up yet, → 503), for servers that create the engine after the routes are mounted."""
     get = service if callable(service) and not isinstance(service, PoCService) else (lambda: service)
-    router = APIRouter(prefix=prefix, tags=["PoC"])
+    # JSON without a Content-Type is parsed, as FastAPI did before ``strict_content_type`` (DAPI's Go client
+    # sends none, §8.1); newer FastAPI would answer 422
+    lenient = {"strict_content_type": False} if "strict_content_type" in inspect.signature(APIRouter).parameters else {}
+    router = APIRouter(prefix=prefix, tags=["PoC"], **lenient)
 
     def current() -> PoCService:
         svc = get()

@@ -245,13 +245,13 @@ class PoCService:
 
     async def stop(self) -> dict:
         async with self._lock:
+            await self._clear_jobs()  # first: a job waiting for the engine must not start once mining ends
             mining, self._mining = self._mining, None
             if mining is not None:
                 self._last_round = self._status_config(mining)
                 mining.task.cancel()
                 await asyncio.gather(mining.task, return_exceptions=True)
                 self._flush(mining)
-            await self._clear_jobs()
         return {"status": "OK", "pow_status": {"status": "STOPPED"}}
 
     # ----------------------------------------------------------------------------- jobs
