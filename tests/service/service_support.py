@@ -324,8 +324,10 @@ class FakeEngine(EngineAdapter):
     async def start_mining(self, round: RoundSpec, nonces: Iterator[int], emit) -> None:
         self.mining_rounds += 1
 
+        self._stopping = False
+
         async def run():
-            while True:
+            while not self._stopping:
                 batch = [n for _, n in zip(range(round.batch_size), nonces)]
                 if not batch:
                     return
@@ -336,8 +338,12 @@ class FakeEngine(EngineAdapter):
         self._task = asyncio.get_running_loop().create_task(run())
 
     async def stop_mining(self, drain_seconds: float = 5.0) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        if self._task is not None:  # the batch in flight is finished and emitted (drain), then the loop ends
+            self._stopping = True
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), drain_seconds)
+            except asyncio.TimeoutError:
+                self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
