@@ -6,8 +6,8 @@
 * ``/api/v1/pow/*`` — the network backend's PoC routes (:mod:`cpoc_kernels.service.routes`), mining and
   validation riding the same engine beside chat (chat is never answered with 503).
 """
-from __future__ import annotations
 
+# (no ``from __future__ import annotations``: FastAPI must see the body model class of the nested route)
 import argparse
 import sys
 import time
