@@ -1,14 +1,19 @@
 """Callbacks against a loopback fake DAPI that enforces the DAPI handler's rules and fails on demand (refuse,
 503, hang past the timeout, dropped connection): generation goes on, retries back off, the buffer stays
 bounded, every drop is counted in /status, nothing is delivered twice after a success, /stop flushes."""
-import time
-
-import httpx
 import pytest
-from service_support import FakeDapi, FakeEngine, LoopbackServer, fake_vector, service_app
 
-from cpoc_kernels.service.callbacks import CallbackConfig
-from cpoc_kernels.service.service import ServiceConfig
+pytest.importorskip("fastapi", reason="needs the 'serve' extra")
+pytest.importorskip("httpx", reason="needs the 'serve' extra")
+pytest.importorskip("uvicorn", reason="needs the 'serve' extra")
+
+import time  # noqa: E402
+
+import httpx  # noqa: E402
+from service_support import FakeDapi, FakeEngine, LoopbackServer, fake_vector, service_app  # noqa: E402
+
+from cpoc_kernels.service.callbacks import CallbackConfig  # noqa: E402
+from cpoc_kernels.service.service import ServiceConfig  # noqa: E402
 
 POW = "/api/v1/pow"
 

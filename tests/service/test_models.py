@@ -1,9 +1,12 @@
 """The request models against the network's field names, types and defaults (mlnode_api.md §1 A1/A2, §2 B1/B2,
 §8.2; GV20 vllm/poc/routes.py PoCInitGenerateRequest/PoCGenerateRequest/StatTestModel, KG pow_v2_routes.py)."""
 import pytest
-from pydantic import ValidationError
 
-from cpoc_kernels.service import models as M
+pytest.importorskip("pydantic", reason="needs the 'serve' extra")
+
+from pydantic import ValidationError  # noqa: E402
+
+from cpoc_kernels.service import models as M  # noqa: E402
 
 REQUIRED = object()
 

@@ -1,12 +1,17 @@
 """Every status code of the backend contract (mlnode_api.md §2, §11) over real HTTP on loopback, with a fake engine."""
-import time
-
-import httpx
 import pytest
-from service_support import FakeEngine, LoopbackServer, fake_vector, service_app
 
-from cpoc_kernels.service.callbacks import CallbackConfig
-from cpoc_kernels.service.service import ServiceConfig
+pytest.importorskip("fastapi", reason="needs the 'serve' extra")
+pytest.importorskip("httpx", reason="needs the 'serve' extra")
+pytest.importorskip("uvicorn", reason="needs the 'serve' extra")
+
+import time  # noqa: E402
+
+import httpx  # noqa: E402
+from service_support import FakeEngine, LoopbackServer, fake_vector, service_app  # noqa: E402
+
+from cpoc_kernels.service.callbacks import CallbackConfig  # noqa: E402
+from cpoc_kernels.service.service import ServiceConfig  # noqa: E402
 
 POW = "/api/v1/pow"
 FAST = ServiceConfig(callbacks=CallbackConfig(interval_s=0.2, backoff_initial_s=0.05, backoff_max_s=0.1,

@@ -8,20 +8,25 @@ dist_threshold is 0.4), most of them bit-identical.
 """
 from __future__ import annotations
 
-import base64
-import math
-import os
-import pathlib
-import subprocess
-import sys
-import threading
-import time
-from fractions import Fraction
-
-import httpx
-import numpy as np
 import pytest
-from service_support import FakeDapi, free_socket
+
+pytest.importorskip("fastapi", reason="needs the 'serve' extra")
+pytest.importorskip("httpx", reason="needs the 'serve' extra")
+pytest.importorskip("uvicorn", reason="needs the 'serve' extra")
+
+import base64  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from fractions import Fraction  # noqa: E402
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+from service_support import FakeDapi, free_socket  # noqa: E402
 
 pytest.importorskip("transformers")
 
@@ -232,3 +237,23 @@ def test_two_backends_fan_out_disjoint(backends, dapi):
     for g, group in enumerate(groups):  # each backend: a dense prefix of its own partition
         mine = sorted(set(posted) & group)
         assert mine == [NODE_ID + g * NODE_COUNT + x * step for x in range(len(mine))]
+
+
+def test_completions_route(backends):
+    be = backends[1]
+    post = lambda body: be.http.post("/v1/completions", json=body)  # noqa: E731
+    r = post({"model": "org/model-b", "prompt": [PROMPTS[0], PROMPTS[1]], "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1] and body["usage"]["completion_tokens"] == 8
+    assert body["choices"][0]["token_ids"] == greedy(be, PROMPTS[0], 4)
+    r = post({"prompt": PROMPTS[2], "max_tokens": 5, "temperature": 0.9, "top_p": 0.9, "top_k": 20, "n": 2})
+    assert r.status_code == 200 and [len(c["token_ids"]) for c in r.json()["choices"]] == [5, 5]
+    assert all(0 <= t < 512 for c in r.json()["choices"] for t in c["token_ids"])
+    for bad, status in (({"model": "nope", "prompt": [1]}, 404), ({"prompt": "hello"}, 400),
+                        ({"prompt": [1, 512]}, 400), ({"prompt": []}, 400), ({"prompt": [1], "max_tokens": 0}, 400),
+                        ({"prompt": [1], "max_tokens": 10**6}, 400), ({"prompt": [1], "temperature": -1}, 400)):
+        r = post(bad)
+        assert r.status_code == status, (bad, r.text)
+        assert r.json()["error"]["message"]
+    assert {m["id"] for m in be.http.get("/v1/models").json()["data"]} == {"cpoc-tiny", "org/model-b"}
