@@ -200,3 +200,49 @@ def test_no_engine_is_503():
                                    ("get", "/status", None), ("post", "/stop", None)):
             r = getattr(client, method)(f"{POW}{path}", **({"json": body} if body else {}))
             assert r.status_code == 503 and r.json()["detail"] == "Engine not available"
+
+
+def test_partition_ends_at_the_int32_bound(backend):
+    # node_count 2**30: nonces 0, 2**30, then 2**31 is past int32 (the DAPI casts nonces to int32, §7.4)
+    r = backend.post(f"{POW}/init/generate", json=init_body(node_id=0, node_count=2**30))
+    assert r.status_code == 200
+    time.sleep(0.3)
+    assert backend.engine.taken == [0, 2**30]
+    assert backend.get(f"{POW}/status").json()["stats"]["total_processed"] == 2
+    backend.post(f"{POW}/stop")
+    r = backend.post(f"{POW}/init/generate", json=init_body(node_id=2**31 - 1, node_count=2**31, group_id=1, n_groups=2))
+    assert r.status_code == 422  # the partition's first nonce is already outside int32
+
+
+def test_status_stays_idle_while_a_job_runs(backend):
+    # the reference never reports VALIDATING (it would turn the proxy aggregate MIXED, §11.3)
+    backend.engine.compute_delay = 0.5
+    job = backend.post(f"{POW}/generate", json=gen_body()).json()
+    time.sleep(0.2)
+    assert backend.get(f"{POW}/generate/{job['request_id']}").json()["status"] == "running"
+    st = backend.get(f"{POW}/status").json()
+    assert st["status"] == "IDLE" and st["cpoc"]["jobs"]["running"] is True
+
+
+def test_empty_validation_request(backend):
+    r = backend.post(f"{POW}/generate", json=gen_body(nonces=[], wait=True, validation={"artifacts": []}))
+    assert r.status_code == 200
+    body = r.json()
+    assert (body["n_total"], body["n_mismatch"], body["p_value"], body["fraud_detected"]) == (0, 0, 1.0, False)
+
+
+def test_p_value_threshold_wins_over_fraud_threshold(backend):
+    from fractions import Fraction
+    from math import comb
+
+    nonces = list(range(10))
+    arts = [{"nonce": n, "vector_b64": fake_vector("h", "ab", n if n >= 3 else n + 100)} for n in nonces]  # 3 wrong
+    p_value = float(sum(Fraction(comb(10, i)) * Fraction(1, 10) ** i * Fraction(9, 10) ** (10 - i) for i in range(3, 11)))
+    assert 0.05 < p_value < 0.1  # 0.0702
+    stat = {"dist_threshold": 0.4, "p_mismatch": 0.1, "fraud_threshold": 0.05}
+    for extra, fraud in (({}, False), ({"p_value_threshold": 0.1}, True)):
+        r = backend.post(f"{POW}/generate", json=gen_body(nonces=nonces, wait=True, validation={"artifacts": arts},
+                                                          stat_test={**stat, **extra}))
+        body = r.json()
+        assert body["mismatch_nonces"] == [0, 1, 2] and body["p_value"] == pytest.approx(p_value, rel=1e-12)
+        assert body["fraud_detected"] is fraud
