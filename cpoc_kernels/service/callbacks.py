@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 import httpx
 
@@ -102,9 +102,12 @@ class CallbackCounters:
     results_dropped_overflow: int = 0
     results_dropped_retries: int = 0
     last_error: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    """Held for every update from a producer thread (artifact senders of successive rounds share the counters)."""
 
     def to_json(self) -> dict:
-        out = asdict(self)
+        with self.lock:
+            out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lock"}
         out["artifacts_pending"] = self.artifacts_buffered + self.artifacts_in_flight
         out["artifacts_dropped"] = (self.artifacts_dropped_overflow + self.artifacts_dropped_retries
                                     + self.artifacts_dropped_final + self.artifacts_rejected_invalid)
@@ -143,7 +146,7 @@ class ArtifactSender:
                  counters: CallbackCounters):
         self.client, self.url, self.k_dim, self.config, self.counters = client, url_for(url, "/generated"), k_dim, config, counters
         self.metadata = dict(metadata)  # public_key, block_hash, block_height, node_id
-        self._lock = threading.Lock()
+        self._lock = counters.lock  # one lock for the buffer and the shared counters
         self._buffer: deque[dict] = deque()
         self._pending: list[dict] | None = None  # the payload being delivered (kept across retries)
         self._failures = 0
@@ -247,7 +250,7 @@ class ArtifactSender:
                     pass
         leftover = list(self._pending or [])
         self._pending = None
-        leftover += self._take(len(self._buffer) + 0)
+        leftover += self._take(len(self._buffer))
         if not leftover:
             return
         if not final_attempt:
