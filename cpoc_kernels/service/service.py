@@ -62,10 +62,17 @@ class ServiceConfig:
         for name, var, kind in (("max_queued_nonces", "POC_MAX_QUEUED_NONCES", int),
                                 ("result_ttl_s", "POC_GENERATE_RESULT_TTL_SEC", float)):
             if var in environ:
-                values[name] = kind(environ[var])
+                try:
+                    values[name] = kind(environ[var])
+                except ValueError:
+                    raise ValueError(f"{var}={environ[var]!r} is not a valid {kind.__name__}") from None
         values["callbacks"] = CallbackConfig.from_env(environ)
         values.update(overrides)
         return cls(**values)
+
+    def __post_init__(self):
+        if self.max_queued_nonces < 1 or not self.result_ttl_s > 0 or self.drain_seconds < 0:
+            raise ValueError("need max_queued_nonces >= 1, result_ttl_s > 0 and drain_seconds >= 0")
 
 
 class Partition(Iterator[int]):
