@@ -218,7 +218,7 @@ def test_serve_mines_beside_chat_and_validates(backends, dapi):
     assert res["status"] == "completed" and res["n_total"] == 20
     assert res["mismatch_nonces"] == expected and res["n_mismatch"] == 3
     p_exact = binom_sf_exact(3, 20, Fraction(1, 10))
-    assert res["p_value"] == pytest.approx(p_exact, rel=1e-12)
+    assert res["p_value"] == pytest.approx(p_exact, rel=1e-10)
     assert res["fraud_detected"] is (p_exact < 0.01)
 
     # the same job queued (wait=false): one /validated callback with the same verdict
@@ -229,7 +229,7 @@ def test_serve_mines_beside_chat_and_validates(backends, dapi):
     wait_for(lambda: len(dapi.validated) == 1, 30, "/validated callback")
     v = dapi.validated[0]
     assert v["request_id"] == r.json()["request_id"] and v["mismatch_nonces"] == expected
-    assert v["p_value"] == pytest.approx(p_exact, rel=1e-12) and (v["block_height"], v["public_key"]) == (100, PK)
+    assert v["p_value"] == pytest.approx(p_exact, rel=1e-10) and (v["block_height"], v["public_key"]) == (100, PK)
 
 
 def test_two_backends_fan_out_disjoint(backends, dapi):
