@@ -154,6 +154,7 @@ class ArtifactSender:
         self._last_send = time.monotonic()
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._closed = False
 
     # --------------------------------------------------------------------------------- producer side
     def add(self, artifacts: Sequence[Artifact]) -> None:
@@ -167,6 +168,9 @@ class ArtifactSender:
                 with self._lock:
                     self.counters.artifacts_rejected_invalid += 1
         with self._lock:
+            if self._closed:  # too late for this round's final attempt: counted, never silently kept
+                self.counters.artifacts_dropped_final += len(good)
+                return
             self._buffer.extend(good)
             self.counters.artifacts_buffered += len(good)
             over = len(self._buffer) - self.config.max_buffered_artifacts
@@ -248,6 +252,8 @@ class ArtifactSender:
                     await self._task
                 except asyncio.CancelledError:
                     pass
+        with self._lock:
+            self._closed = True
         leftover = list(self._pending or [])
         self._pending = None
         leftover += self._take(len(self._buffer))
