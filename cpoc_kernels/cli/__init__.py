@@ -26,6 +26,7 @@ REGISTRARS: list = [
     register_generate,
     register_validate,
     register_bench_mixed,
+    "cpoc_kernels.integrations.hf.serve:register",
 ]
 
 
