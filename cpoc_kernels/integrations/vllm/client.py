@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from cpoc_kernels.artifacts import Artifact, check_nonce
-from cpoc_kernels.governor import Governor, GovernorConfig, StepLoad
+from cpoc_kernels.governor import Governor, GovernorConfig, PoCBudget, StepLoad
 
 from .requests import PoCRound, poc_request
 from .seams import WORKER_EXTENSION
@@ -170,9 +170,16 @@ class PoCAdmission:
     def __init__(self, config: GovernorConfig):
         self.governor = Governor(config)
         self._seen_steps = 0
+        self.last_load: StepLoad | None = None
+        self.last_budget: PoCBudget | None = None
 
-    def observe(self, stats: dict) -> StepLoad:
-        """Feed new steps of a worker's ``cpoc_stats`` to the governor; return the latest chat load."""
+    def observe(self, stats: dict, unseen_requests: int = 0) -> StepLoad:
+        """Feed new steps of a worker's ``cpoc_stats`` to the governor; return the latest load.
+
+        ``unseen_requests``: PoC requests submitted that the workers do not hold yet (waiting in vLLM's
+        scheduler); each still needs all its ``poc_seq_len`` prefill tokens. KV: every PoC request in flight
+        ends up holding ``poc_seq_len`` tokens (chat's own KV use is not visible here; the governor's
+        ``kv_reserve_fraction`` keeps room for it)."""
         steps = stats.get("recent_steps", [])
         total = stats.get("steps", 0)
         fresh = steps[-max(0, min(len(steps), total - self._seen_steps)):] if total > self._seen_steps else []
@@ -182,19 +189,25 @@ class PoCAdmission:
                 self.governor.observe(step["rows"], step["poc_rows"], step["seconds_since_previous"])
         last = steps[-1] if steps else {"rows": 0, "poc_rows": 0}
         cfg = self.governor.config
-        pending = int(stats.get("pending_tokens", 0))
+        unseen = max(0, int(unseen_requests))
+        pending = int(stats.get("pending_tokens", 0)) + unseen * cfg.poc_seq_len
+        poc_kv = (int(stats.get("in_flight", 0)) + unseen) * cfg.poc_seq_len
         return StepLoad(chat_tokens=last["rows"] - last["poc_rows"],
-                        kv_tokens_free=max(0, cfg.kv_tokens_capacity - pending - stats.get("in_flight", 0)),
-                        poc_tokens_pending=pending)
+                        kv_tokens_free=max(0, cfg.kv_tokens_capacity - poc_kv), poc_tokens_pending=pending)
 
-    def admit(self, stats: dict) -> int:
-        budget = self.governor.decide(self.observe(stats))
+    def admit(self, stats: dict, unseen_requests: int = 0) -> int:
+        """New PoC requests to submit now (the governor's decision on the load from ``stats``)."""
+        self.last_load = self.observe(stats, unseen_requests)
+        budget = self.last_budget = self.governor.decide(self.last_load)
         self.governor.record(budget)
         return budget.new_requests
 
 
 class AsyncCpoc:
-    """Continuous PoC on a ``vllm.v1.engine.async_llm.AsyncLLM`` (chat is submitted by whoever serves it)."""
+    """Continuous PoC on a ``vllm.v1.engine.async_llm.AsyncLLM`` (chat is submitted by whoever serves it).
+
+    Also works on any vLLM ``EngineClient`` (e.g. the one ``vllm serve``'s API server holds): it only uses
+    ``generate`` and ``collective_rpc``."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -206,6 +219,10 @@ class AsyncCpoc:
             raise _missing_extension(exc) from exc
         return check_ready_results(results)
 
+    async def stats(self) -> dict:
+        """The first worker's ``cpoc_stats`` (step log, in-flight PoC tokens, counters)."""
+        return (await self.engine.collective_rpc("cpoc_stats"))[0]
+
     async def _drain(self, wanted: set[tuple]) -> list[dict]:
         if not wanted:
             return []
@@ -216,32 +233,81 @@ class AsyncCpoc:
         async for _ in self.engine.generate(prompt, params, request_id):
             pass
 
+    async def stream(self, round: PoCRound, nonces: Iterator[int], on_result: Callable[[PoCResult, int], None],
+                     admission: PoCAdmission | None = None, max_in_flight: int = 64, poll_seconds: float = 0.05,
+                     stop: asyncio.Event | None = None) -> None:
+        """Compute nonces pulled from ``nonces`` (in order; each submitted as its own request) until the
+        iterator ends or ``stop`` is set, then finish the ones in flight and return.
+
+        At most ``max_in_flight`` at once, and as many new ones per poll as ``admission`` (the governor)
+        allows — at least one while none runs. Results go to ``on_result(result, n_done)`` as they arrive
+        (``n_done`` nonces finished: artifacts, NaN-dropped and refused ones). Cancelling the awaiting task
+        aborts the requests in flight (nothing more is reported for them)."""
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        pending: dict[asyncio.Task, tuple] = {}
+        seen: set[tuple] = set()
+        finished_keys: set[tuple] = set()  # requests done, their records not collected yet
+        exhausted = False
+        try:
+            while True:
+                pulling = not exhausted and not (stop is not None and stop.is_set())
+                room = max_in_flight - len(pending) if pulling else 0
+                if room > 0 and admission is not None:
+                    stats = await self.stats()
+                    unseen = max(0, len(pending) - int(stats.get("in_flight", 0)))
+                    room = min(room, max(admission.admit(stats, unseen), 0 if pending else 1))
+                for _ in range(room):
+                    try:
+                        nonce = check_nonce(next(nonces))
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    key = _key(round, nonce)
+                    if key in seen:
+                        raise ValueError(f"nonce {nonce} was submitted twice in one stream")
+                    seen.add(key)
+                    rid = f"cpoc-{next(_request_counter)}-n{nonce}"
+                    pending[asyncio.ensure_future(self._one(round, nonce, rid))] = key
+                if not pending and not finished_keys:
+                    if not pulling or exhausted:
+                        break
+                    await asyncio.sleep(poll_seconds)
+                    continue
+                if pending:
+                    done, _ = await asyncio.wait(pending, timeout=poll_seconds, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        finished_keys.add(pending.pop(task))
+                        task.result()
+                if finished_keys:
+                    result = PoCResult()
+                    got = _collect(await self._drain(finished_keys), finished_keys, result)
+                    finished_keys -= got
+                    if not pending and finished_keys:  # finished but never read out: say so, do not wait forever
+                        for key in finished_keys:
+                            result.refused[key[3]] = "no artifact returned by the workers"
+                        got |= finished_keys
+                        finished_keys = set()
+                    if got:
+                        on_result(result, len(got))
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
     async def run(self, round: PoCRound, nonces: Sequence[int], admission: PoCAdmission | None = None,
                   max_in_flight: int = 64, poll_seconds: float = 0.05) -> PoCResult:
         """Compute ``nonces``, admitting new ones as the governor allows (all at once without ``admission``,
         bounded by ``max_in_flight``). Returns artifacts in nonce order."""
         nonces = _unique(nonces)
-        queue = list(nonces)
-        wanted: set[tuple] = set()
-        running: set[asyncio.Task] = set()
-        result = PoCResult()
-        while queue or running:
-            room = max_in_flight - len(running)
-            if admission is not None and queue:
-                stats = (await self.engine.collective_rpc("cpoc_stats"))[0]
-                room = min(room, max(admission.admit(stats), 1 if not running else 0))
-            for _ in range(min(room, len(queue))):
-                nonce = queue.pop(0)
-                wanted.add(_key(round, nonce))
-                rid = f"cpoc-{next(_request_counter)}-n{nonce}"
-                running.add(asyncio.ensure_future(self._one(round, nonce, rid)))
-            if running:
-                finished, running = await asyncio.wait(running, timeout=poll_seconds,
-                                                       return_when=asyncio.FIRST_COMPLETED)
-                for task in finished:
-                    task.result()
-            wanted -= _collect(await self._drain(wanted), wanted, result)
-        wanted -= _collect(await self._drain(wanted), wanted, result)
-        for key in wanted:
-            result.refused[key[3]] = "no artifact returned by the workers"
-        return _sort(result, nonces)
+        total = PoCResult()
+
+        def gather(part: PoCResult, _n_done: int) -> None:
+            total.artifacts.extend(part.artifacts)
+            total.nan_nonces.extend(part.nan_nonces)
+            total.refused.update(part.refused)
+
+        await self.stream(round, iter(nonces), gather, admission=admission, max_in_flight=max_in_flight,
+                          poll_seconds=poll_seconds)
+        return _sort(total, nonces)

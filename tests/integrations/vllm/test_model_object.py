@@ -15,9 +15,9 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 import vllm_model_harness as h  # noqa: E402
+from artifact_match import assert_artifacts_close  # noqa: E402
 
 import cpoc_kernels.integrations.vllm as plugin  # noqa: E402
-from cpoc_kernels.artifacts import Artifact  # noqa: E402
 from cpoc_kernels.integrations.hf.runner import PoCRunner  # noqa: E402
 from cpoc_kernels.integrations.vllm import seams  # noqa: E402
 from cpoc_kernels.integrations.vllm.requests import PoCRound, poc_request  # noqa: E402
@@ -104,11 +104,8 @@ def test_chat_only_matches_hf(eager, hf_and_dir):
 def _check_artifacts(state, reference, nonces):
     records = {r["nonce"]: r for r in state.drain()}
     assert sorted(records) == sorted(nonces), records
-    expected = {a.nonce: a for a in reference.run(nonces)}
-    for n in nonces:
-        got = Artifact(n, records[n]["vector_b64"]).vector()
-        want = expected[n].vector()
-        assert abs(got - want).max() <= 1e-3, (n, got, want)  # fp16 of states within 1e-6: same or 1 ulp
+    expected = {a.nonce: a.vector_b64 for a in reference.run(nonces)}
+    assert_artifacts_close({n: records[n]["vector_b64"] for n in nonces}, expected)  # fp16 of states within 1e-6
 
 
 def test_mixed_batch_poc_rows_match_hf_reference(eager, reference):
