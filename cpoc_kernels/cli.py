@@ -248,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--dist-threshold", type=float, default=0.2)
     val.add_argument("--p-mismatch", type=float, default=0.1)
     val.add_argument("--fraud-threshold", type=float, default=0.05)
+    __import__("cpoc_kernels.sim.bench", fromlist=["register"]).register(sub, COMMANDS)  # cpoc bench-sim
     return parser
 
 
