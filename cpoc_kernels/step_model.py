@@ -308,6 +308,9 @@ class RooflineStepTimeModel:
         scale = np.maximum(np.array([prior_overhead_seconds, slope, slope, prior_seconds_per_key * self._KEY_UNIT]),
                            np.array([1e-4, 1e-3, 1e-3, 1e-3]))  # floors: 0.1 ms, 1 µs/token, 1 ns/key
         self._prior_precision = 1.0 / (prior_relative_std * scale) ** 2
+        # the slope below the knee is held near 0 (a tight prior): without it, steps that cluster near the
+        # knee tilt the flat part and the fit under-predicts small steps; the smooth knees give the bend
+        self._prior_precision[1] *= 1e4
         self._prior_noise = relative_noise
         self._outlier_sigmas = outlier_sigmas
         self._change_sigmas = change_sigmas
