@@ -3,7 +3,9 @@
 Engine-independent. Each step the engine glue calls :meth:`Governor.decide` with the step's chat load
 (:class:`StepLoad`) *after* the engine scheduled its chat rows, and gets a :class:`PoCBudget`: how many
 PoC prefill tokens to add to this step and how many new nonce requests to admit. After the step it calls
-:meth:`Governor.observe` with the measured step time, which feeds the online :class:`StepTimeModel`.
+:meth:`Governor.observe` with the measured step time, which feeds the online step-time model
+(default :class:`~cpoc_kernels.step_model.RooflineStepTimeModel`: flat, then linear, knee learnt from the
+steps; :class:`~cpoc_kernels.step_model.StepTimeModel` is the straight line of earlier revisions).
 ``decide`` is deterministic and side-effect free (no clocks, no threads); only ``observe`` and
 ``stop`` change state.
 
@@ -26,21 +28,22 @@ Rules (chat always first):
   scheduling pass; measured by the glue), that time is taken from the allowance first; when it alone
   exceeds the allowance, PoC waits for a step without chat (``fixed_cost``), except for
   ``StepLoad.probe_tokens`` rows the glue may ask for to keep its measurement of the fixed time current.
-  With no chat in the step there is nothing to slow down: PoC fills up to ``idle_max_tokens``
-  (default: the whole batch). That idle step delays a chat request arriving during it by at most one
-  such step; ``idle_max_seconds`` bounds that wait in time (the step-time fit turns it into tokens), or
-  lower ``idle_max_tokens``.
+  With no chat in the step there is nothing to slow down, but a chat request arriving during it waits
+  for the step to end: PoC fills up to ``idle_max_tokens`` (default: the whole batch) and
+  ``idle_max_seconds`` (default ``"auto"``: no longer than ``(1 + slo_overhead)`` × a one-token step,
+  i.e. the flat part of a GPU's step-time curve; a number: that many seconds; None: unbounded).
 * ``fixed-share``: PoC gets ``fixed_share × max_batch_tokens``, still behind chat and KV (no SLO).
 """
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import asdict, dataclass
 from enum import Enum
-from typing import Sequence
 
-import numpy as np
+from cpoc_kernels.step_model import RooflineStepTimeModel, StepTimeModel, _check_count, _check_real
+
+__all__ = ["MODES", "BudgetReason", "Governor", "GovernorConfig", "PoCBudget", "RooflineStepTimeModel", "StepLoad",
+           "StepTimeModel"]
 
 MODES = ("fill", "fixed-share", "off")
 
@@ -58,204 +61,6 @@ class BudgetReason(str, Enum):
     BATCH_ROOM = "batch_room"
     IDLE_CAP = "idle_cap"
     FIXED_COST = "fixed_cost"
-
-
-def _check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return int(value)
-
-
-def _check_real(name: str, value: object, minimum: float = 0.0, strictly: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < minimum or (strictly and value == minimum):
-        bound = ">" if strictly else ">="
-        raise ValueError(f"{name} must be finite and {bound} {minimum}, got {value}")
-    return value
-
-
-def _largest_fitting(fits, limit: int) -> int:
-    """Largest ``x`` in ``0..limit`` with ``fits(x)``, for a ``fits`` true up to some point and false after
-    (a predicted time growing with x); 0 if not even ``fits(1)``. Binary search."""
-    if limit <= 0 or not fits(1):
-        return 0
-    low, high = 1, limit  # fits(low)
-    while low < high:
-        mid = (low + high + 1) // 2
-        if fits(mid):
-            low = mid
-        else:
-            high = mid - 1
-    return low
-
-
-# ----------------------------------------------------------------------------------------------
-# Step-time model
-
-
-class StepTimeModel:
-    """Online fit of ``step_seconds ≈ overhead + seconds_per_token·tokens + seconds_per_key·attention_keys
-    + Σ_k extra_k·max(0, tokens − knot_k)``.
-
-    ``tokens`` are all rows of the step (chat + PoC); ``attention_keys`` the (query, key) pairs the step's
-    attention computes (optional; pass 0 everywhere to fold attention into the per-token cost).
-    ``knots`` (token counts) make the token term piecewise linear: a GPU step is flat while it is bound
-    by reading the weights and grows linearly once compute-bound; without knots the fit is one line,
-    which on such an engine is conservative (it sees the average slope, not the free flat part).
-
-    The fit is a ridge regression on the last ``window`` steps, refitted at each :meth:`observe`:
-    residuals relative to the predicted time (step times span orders of magnitude), a Gaussian prior
-    (mean = the prior coefficients, standard deviation ``prior_relative_std`` × their size) as the ridge
-    term, and Huber weights (iteratively reweighted) so that steps more than ``outlier_sigmas`` robust
-    standard deviations off (a GC pause, a graph capture) count as if at that bound. Old steps leave the
-    window, so the fit follows changes in the engine, and a direction the recent steps do not vary
-    (e.g. PoC always filling the batch to the same size) falls back to the prior and its uncertainty,
-    which makes the governor cautious again instead of trusting an untested belief. Overhead, per-token
-    and per-key costs are clamped at ≥ 0. Deterministic: the same steps give the same fit (the
-    reweighting starts from the previous fit). Cost: one small solve per step, ~0.2 ms in numpy.
-    """
-
-    _TOKEN_UNIT = 1e3  # features are kept O(1): thousands of tokens, millions of keys
-    _KEY_UNIT = 1e6
-    _IRLS_ITERATIONS = 4
-    _PRIOR_NOISE_WEIGHT = 10.0  # the prior relative noise counts as this many steps
-
-    def __init__(self, prior_overhead_seconds: float = 2e-3, prior_seconds_per_token: float = 1e-5,
-                 prior_seconds_per_key: float | None = None, prior_relative_std: float = 1.0,
-                 relative_noise: float = 0.05, window: int = 256, outlier_sigmas: float = 3.0,
-                 knots: Sequence[int] = ()):
-        _check_real("prior_overhead_seconds", prior_overhead_seconds)
-        _check_real("prior_seconds_per_token", prior_seconds_per_token, strictly=True)
-        if prior_seconds_per_key is None:
-            prior_seconds_per_key = prior_seconds_per_token * 1e-4
-        _check_real("prior_seconds_per_key", prior_seconds_per_key)
-        _check_real("prior_relative_std", prior_relative_std, strictly=True)
-        _check_real("relative_noise", relative_noise, strictly=True)
-        _check_real("outlier_sigmas", outlier_sigmas, strictly=True)
-        _check_count("window", window)
-        if window < 2:
-            raise ValueError(f"window must be >= 2, got {window}")
-        self.knots = tuple(_check_count("knot", k) for k in knots)
-        if any(k < 1 for k in self.knots) or list(self.knots) != sorted(set(self.knots)):
-            raise ValueError(f"knots must be distinct, increasing and >= 1, got {knots!r}")
-        slope = prior_seconds_per_token * self._TOKEN_UNIT
-        self._prior_mean = np.array([prior_overhead_seconds, slope, prior_seconds_per_key * self._KEY_UNIT]
-                                    + [0.0] * len(self.knots))
-        # coefficient scales (feature units), floored at 0.1 ms, 1 µs/token, 1 ns/key; knots: the prior slope
-        scale_floor = np.array([1e-4, 1e-3, 1e-3] + [slope] * len(self.knots))
-        prior_std = prior_relative_std * np.maximum(np.abs(self._prior_mean), scale_floor)
-        self._prior_precision = np.diag(1.0 / prior_std ** 2)
-        self._prior_noise = relative_noise
-        self._outlier_sigmas = outlier_sigmas
-        self._rows: deque[np.ndarray] = deque(maxlen=window)
-        self._seconds: deque[float] = deque(maxlen=window)
-        self._theta = self._prior_mean.copy()
-        self._cov = np.linalg.inv(self._prior_precision)
-        self._noise = relative_noise
-        self.n_observations = 0
-        self.n_outliers = 0  # steps of the window the last fit down-weighted
-
-    def _features(self, tokens: float, attention_keys: float) -> np.ndarray:
-        return np.array([1.0, tokens / self._TOKEN_UNIT, attention_keys / self._KEY_UNIT]
-                        + [max(0.0, tokens - k) / self._TOKEN_UNIT for k in self.knots])
-
-    @property
-    def overhead_seconds(self) -> float:
-        """Fitted fixed cost of a step (s)."""
-        return float(self._theta[0])
-
-    @property
-    def seconds_per_token(self) -> float:
-        """Fitted cost of one more row below the first knot (s/token)."""
-        return float(self._theta[1] / self._TOKEN_UNIT)
-
-    @property
-    def seconds_per_key(self) -> float:
-        """Fitted cost of one more attention (query, key) pair (s)."""
-        return float(self._theta[2] / self._KEY_UNIT)
-
-    @property
-    def relative_noise(self) -> float:
-        """Estimated (robust) relative standard deviation of a step time around the model."""
-        return float(self._noise)
-
-    def predict(self, tokens: float, attention_keys: float = 0.0) -> float:
-        """Predicted step time (s) for ``tokens`` rows and ``attention_keys`` attention pairs."""
-        return float(self._features(tokens, attention_keys) @ self._theta)
-
-    def added_seconds(self, tokens: float, attention_keys: float, added_tokens: float, added_keys: float,
-                      z: float = 0.0) -> float:
-        """Predicted extra step time (s) from adding ``added_tokens`` rows (``added_keys`` attention
-        pairs) to a step of ``tokens`` rows: mean + z·std of the fit (the overhead cancels)."""
-        v = (self._features(tokens + added_tokens, attention_keys + added_keys)
-             - self._features(tokens, attention_keys))
-        mean = float(v @ self._theta)
-        std = math.sqrt(max(float(v @ self._cov @ v), 0.0))
-        return mean + z * std
-
-    def marginal_seconds_per_token(self, attention_keys_per_token: float = 0.0, z: float = 0.0,
-                                   tokens: float = 0.0) -> float:
-        """Cost (s) of one more token attending ``attention_keys_per_token`` keys, added to a step of
-        ``tokens`` rows: mean + z·std."""
-        return self.added_seconds(tokens, 0.0, 1.0, attention_keys_per_token, z)
-
-    def max_tokens_within(self, seconds: float, keys_per_token: float, z: float, limit: int) -> int:
-        """Largest ``x`` in ``0..limit`` whose predicted step time (mean + z·std, ``x·keys_per_token``
-        attention pairs) is ≤ ``seconds``."""
-        def fits(x: int) -> bool:
-            f = self._features(x, x * keys_per_token)
-            return float(f @ self._theta) + z * math.sqrt(max(float(f @ self._cov @ f), 0.0)) <= seconds
-
-        return _largest_fitting(fits, limit)
-
-    def max_added_tokens(self, tokens: int, attention_keys: float, keys_per_added_token: float,
-                         extra_seconds: float, z: float, limit: int) -> int:
-        """Largest ``x`` in ``0..limit`` whose :meth:`added_seconds` (mean + z·std) is ≤ ``extra_seconds``."""
-        def fits(x: int) -> bool:
-            return self.added_seconds(tokens, attention_keys, x, x * keys_per_added_token, z) <= extra_seconds
-
-        return _largest_fitting(fits, limit)
-
-    def observe(self, tokens: int, step_seconds: float, attention_keys: int = 0) -> None:
-        """Add one measured step (``tokens`` rows took ``step_seconds`` s) and refit."""
-        _check_count("tokens", tokens)
-        _check_count("attention_keys", attention_keys)
-        _check_real("step_seconds", step_seconds, strictly=True)
-        self._rows.append(self._features(tokens, attention_keys))
-        self._seconds.append(float(step_seconds))
-        self.n_observations += 1
-        self._refit()
-
-    def _refit(self) -> None:
-        x = np.array(self._rows)
-        y = np.array(self._seconds)
-        n = len(y)
-        theta = self._theta
-        noise = self._noise
-        huber = np.ones(n)
-        for _ in range(self._IRLS_ITERATIONS):
-            scale = np.maximum(x @ theta, 1e-6)           # relative residuals: divide by the predicted time
-            relative = (y - x @ theta) / scale
-            # robust noise (MAD), blended with the prior noise so a few steps cannot make it tiny
-            mad = 1.4826 * float(np.median(np.abs(relative)))
-            noise = math.sqrt((n * mad ** 2 + self._PRIOR_NOISE_WEIGHT * self._prior_noise ** 2)
-                              / (n + self._PRIOR_NOISE_WEIGHT))
-            noise = max(noise, 1e-3)
-            bound = self._outlier_sigmas * noise
-            huber = np.minimum(1.0, bound / np.maximum(np.abs(relative), 1e-300))
-            weights = huber / (scale * noise) ** 2
-            precision = (x * weights[:, None]).T @ x + self._prior_precision
-            rhs = (x * weights[:, None]).T @ y + self._prior_precision @ self._prior_mean
-            theta = np.linalg.solve(precision, rhs)
-            theta[:3] = np.maximum(theta[:3], 0.0)
-        self._theta = theta
-        self._cov = np.linalg.inv(precision)
-        self._noise = noise
-        self.n_outliers = int(np.sum(huber < 1.0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,9 +87,12 @@ class GovernorConfig:
     """Tokens per PoC nonce (each admitted nonce will need this many KV slots)."""
     idle_max_tokens: int | None = None
     """PoC tokens in a step without chat (None: ``max_batch_tokens``)."""
-    idle_max_seconds: float | None = None
-    """Predicted duration of a step without chat (None: unbounded), i.e. about the longest a chat request
-    arriving during it waits; at least one PoC token per idle step, so PoC always progresses."""
+    idle_max_seconds: float | str | None = "auto"
+    """Predicted duration of a step without chat, i.e. about the longest a chat request arriving during
+    it waits: seconds; ``"auto"`` (default): ``(1 + slo_overhead)`` × the predicted time of a one-token
+    step — on a GPU-shaped engine an idle step fills the flat part of the step-time curve (free) and
+    stops where a step would get slower than a chat decode step plus its SLO allowance; None: unbounded.
+    At least one PoC token per idle step, so PoC always progresses."""
     poc_attention_keys_per_token: float | None = None
     """Attention pairs per PoC token, if the glue reports attention keys (a full nonce averages
     ``(poc_seq_len + 1) / 2``); None: attention is folded into the per-token cost."""
@@ -307,7 +115,9 @@ class GovernorConfig:
             raise ValueError(f"kv_reserve_fraction must be in [0, 1), got {self.kv_reserve_fraction}")
         if self.idle_max_tokens is not None:
             _check_count("idle_max_tokens", self.idle_max_tokens)
-        if self.idle_max_seconds is not None:
+        if self.idle_max_seconds is not None and self.idle_max_seconds != "auto":
+            if isinstance(self.idle_max_seconds, str):
+                raise ValueError(f"idle_max_seconds must be seconds, 'auto' or None, got {self.idle_max_seconds!r}")
             _check_real("idle_max_seconds", self.idle_max_seconds, strictly=True)
         if self.poc_attention_keys_per_token is not None:
             _check_real("poc_attention_keys_per_token", self.poc_attention_keys_per_token)
@@ -380,9 +190,9 @@ class PoCBudget:
 class Governor:
     """Per-step PoC admission (see the module docstring for the rules)."""
 
-    def __init__(self, config: GovernorConfig, model: StepTimeModel | None = None):
+    def __init__(self, config: GovernorConfig, model: RooflineStepTimeModel | StepTimeModel | None = None):
         self.config = config
-        self.model = model if model is not None else StepTimeModel()
+        self.model = model if model is not None else RooflineStepTimeModel()
         self.stopped_reason: str | None = None
         self._decisions = {reason.value: 0 for reason in BudgetReason}
         self._steps = 0
@@ -441,7 +251,11 @@ class Governor:
             limits.append((math.floor(cfg.fixed_share * cfg.max_batch_tokens), BudgetReason.FIXED_SHARE))
         elif load.chat_tokens == 0:
             idle = cfg.max_batch_tokens if cfg.idle_max_tokens is None else cfg.idle_max_tokens
-            if cfg.idle_max_seconds is not None:
+            if cfg.idle_max_seconds == "auto":  # the mean fit: the flat part is learnt by filling it
+                keys = self._keys_per_poc_token()
+                bound = (1 + cfg.slo_overhead) * self.model.predict(1, keys)
+                idle = min(idle, max(1, self.model.max_tokens_within(bound, keys, 0.0, cfg.max_batch_tokens)))
+            elif cfg.idle_max_seconds is not None:
                 idle = min(idle, max(1, self.model.max_tokens_within(
                     cfg.idle_max_seconds, self._keys_per_poc_token(), cfg.confidence_z, cfg.max_batch_tokens)))
             limits.append((idle, BudgetReason.IDLE_CAP))
@@ -496,13 +310,6 @@ class Governor:
             "step_seconds_total": self._seconds,
             "poc_seconds_estimate": self._poc_seconds_estimate,
             "decisions": dict(self._decisions),
-            "model": {
-                "overhead_seconds": self.model.overhead_seconds,
-                "seconds_per_token": self.model.seconds_per_token,
-                "seconds_per_key": self.model.seconds_per_key,
-                "relative_noise": self.model.relative_noise,
-                "observations": self.model.n_observations,
-                "outliers_in_window": self.model.n_outliers,
-            },
+            "model": self.model.summary(),
             "config": asdict(self.config),
         }

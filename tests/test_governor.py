@@ -36,7 +36,8 @@ def measured_step_seconds(tokens: int, rng: random.Random) -> float:
 
 
 def config(**overrides) -> GovernorConfig:
-    values = dict(max_batch_tokens=4096, kv_tokens_capacity=1 << 20, poc_seq_len=1024)
+    # idle steps unbounded unless a test says otherwise (the default "auto" bound has its own tests)
+    values = dict(max_batch_tokens=4096, kv_tokens_capacity=1 << 20, poc_seq_len=1024, idle_max_seconds=None)
     values.update(overrides)
     return GovernorConfig(**values)
 

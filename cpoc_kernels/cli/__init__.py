@@ -27,6 +27,7 @@ REGISTRARS: list = [
     register_validate,
     register_bench_mixed,
     "cpoc_kernels.integrations.hf.serve:register",
+    "cpoc_kernels.sim.bench:register",
 ]
 
 
