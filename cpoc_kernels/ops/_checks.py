@@ -59,7 +59,7 @@ def _capturing(device: torch.device) -> bool:
 
 
 def check_unit_vector(v: torch.Tensor) -> None:
-    """v: floating [H] tensor, finite, with ``| ||v||_2 - 1 | <= UNIT_NORM_TOL`` (zero, NaN, ±Inf, non-unit refused)."""
+    """v: floating [H] tensor, finite, ``| ||v||_2 - 1 | <= UNIT_NORM_TOL`` (zero, NaN, ±Inf, non-unit refused)."""
     if _capturing(v.device):
         return  # no host read during capture or tracing; eager calls before it validate v
     key = id(v)
