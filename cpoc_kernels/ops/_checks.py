@@ -2,7 +2,7 @@
 
 Each raises ValueError naming the argument. ``check_unit_vector`` reads ``v``'s values once per tensor
 version (cached by identity and ``_version``), so repeated calls with the same layer vector cost no sync, and it
-skips the read while a CUDA graph is being captured.
+skips the read while a CUDA graph is being captured or torch.compile traces.
 """
 from __future__ import annotations
 
@@ -52,18 +52,21 @@ def check_int(name: str, value) -> int:
 
 
 def _capturing(device: torch.device) -> bool:
+    """A CUDA graph capture or a torch.compile trace is running: no host read of tensor values."""
+    if torch.compiler.is_compiling():
+        return True
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def check_unit_vector(v: torch.Tensor) -> None:
-    """v: floating [H] tensor, finite, with ``| ||v||_2 - 1 | <= UNIT_NORM_TOL`` (zero, NaN, ±Inf, non-unit refused)."""
+    """v: floating [H] tensor, finite, ``| ||v||_2 - 1 | <= UNIT_NORM_TOL`` (zero, NaN, ±Inf, non-unit refused)."""
+    if _capturing(v.device):
+        return  # no host read during capture or tracing; eager calls before it validate v
     key = id(v)
     state = (v._version, v.data_ptr(), v.device, tuple(v.shape), v.dtype)
     hit = _checked.get(key)
     if hit is not None and hit[0]() is v and hit[1] == state:
         return
-    if _capturing(v.device):
-        return  # no host read during capture; eager calls before capture validate it
     norm = float(torch.linalg.vector_norm(v.detach().to(torch.float64)))
     if not torch.isfinite(v).all() or not abs(norm - 1.0) <= UNIT_NORM_TOL:
         raise ValueError(f"v must be a finite unit vector (||v|| = 1 within {UNIT_NORM_TOL}), got ||v|| = {norm:.6g}"

@@ -307,7 +307,8 @@ def masked_reflect_rows_mask_(hidden: torch.Tensor, residual: torch.Tensor | Non
 
     Same arithmetic and exactness as :func:`masked_reflect_` (the same kernel body); unselected rows are never
     written by the Triton kernel. Validation reads metadata only (shapes, dtypes) plus ``v``'s norm once per
-    tensor version (cached; skipped while a CUDA graph is captured): no per-call host sync, no data-dependent shape — the launch has N programs whatever the mask holds (CUDA-graph callers use
+    tensor version (cached; skipped while a CUDA graph is captured): no per-call host sync, no data-dependent
+    shape — the launch has N programs whatever the mask holds (CUDA-graph callers use
     ``torch.ops.cpoc.masked_reflect_rows_mask_`` on static buffers directly).
     """
     n, _ = _check_tensors(hidden, residual, v)

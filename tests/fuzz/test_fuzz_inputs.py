@@ -109,7 +109,8 @@ def _v(kind: str, h: int, gen) -> object:
 
 @FUZZ
 @given(
-    n=st.integers(0, 4), h=st.integers(1, 9), dtype=st.sampled_from(FLOAT), res_kind=st.sampled_from(["none", "same", "shape", "dtype", "alias"]),
+    n=st.integers(0, 4), h=st.integers(1, 9), dtype=st.sampled_from(FLOAT),
+    res_kind=st.sampled_from(["none", "same", "shape", "dtype", "alias"]),
     v_kind=st.sampled_from(["unit", "unit", "unit", "unit_bf16", "zero", "nan", "double", "short", "int", "list", "none"]),
     rows_kind=st.sampled_from(["list", "int64", "int32", "uint8", "bool", "bool_mask_op", "uint8_mask_op", "float", "junk"]),
     rows_list=st.lists(st.integers(-1, 5), max_size=5), junk_rows=junk, seed=st.integers(0, 2**16),
@@ -121,14 +122,16 @@ def fuzz_masked_reflect(n, h, dtype, res_kind, v_kind, rows_kind, rows_list, jun
 
     gen = torch.Generator().manual_seed(seed)
     hidden = (torch.randn(n, h, generator=gen) * 2).to(dtype)
-    residual = {"none": None, "same": (torch.randn(n, h, generator=gen) * 5).to(dtype), "shape": torch.zeros(n + 1, h, dtype=dtype),
+    residual = {"none": None, "same": (torch.randn(n, h, generator=gen) * 5).to(dtype),
+                "shape": torch.zeros(n + 1, h, dtype=dtype),
                 "dtype": torch.zeros(n, h, dtype=torch.float64), "alias": hidden}[res_kind]
     v = _v(v_kind, h, gen)
     mask = torch.zeros(n, dtype=torch.bool)
     in_range = [r for r in rows_list if 0 <= r < n]
     mask[in_range] = True
     rows = {"list": rows_list, "int64": torch.tensor(rows_list, dtype=torch.int64),
-            "int32": torch.tensor(rows_list, dtype=torch.int32), "uint8": torch.tensor([abs(r) for r in rows_list], dtype=torch.uint8),
+            "int32": torch.tensor(rows_list, dtype=torch.int32),
+            "uint8": torch.tensor([abs(r) for r in rows_list], dtype=torch.uint8),
             "bool": mask, "bool_mask_op": mask, "uint8_mask_op": mask.to(torch.uint8),
             "float": torch.tensor(rows_list, dtype=torch.float32), "junk": junk_rows}[rows_kind]
     before = hidden.clone(), None if residual is None else residual.clone()

@@ -50,7 +50,10 @@ def test_fuzz_validate(nonces, received_junk, recompute_mask, tamper, dist, p_mi
     for i, n in enumerate(nonces):
         honest = _unit(seed + i)
         try:
-            received[n] = received_junk[i] if i < len(received_junk) and tamper[i] else (_unit(seed + 1000 + i) if tamper[i] else honest)
+            if tamper[i]:
+                received[n] = received_junk[i] if i < len(received_junk) else _unit(seed + 1000 + i)
+            else:
+                received[n] = honest
         except TypeError:  # unhashable junk nonce: skip it, as a dict cannot hold it
             continue
         if recompute_mask[i]:
