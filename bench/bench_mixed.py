@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import platform
 import subprocess
@@ -57,6 +58,8 @@ def main() -> None:
                          "arriving during an idle PoC step)")
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "continuous_poc")
     args = ap.parse_args()
+    if importlib.util.find_spec("matplotlib") is None:  # the plot is written after the whole sweep: refuse now
+        ap.error("the plot needs matplotlib: pip install 'cpoc_kernels[plot]'")
     torch.set_num_threads(args.threads)
     for name in CONFIGS if args.config == "all" else [args.config]:
         cfg = CONFIGS[name]

@@ -56,3 +56,25 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, fragment, cli, tmp_path, m
 def test_parse_nonces():
     assert parse_nonces("3:6") == [3, 4, 5]
     assert parse_nonces("1,-2,9") == [1, -2, 9]
+
+
+def test_other_modules_register_subcommands_with_one_entry(monkeypatch, cli):
+    """The three registrar forms (set_defaults(func=), returning the handler, filling COMMANDS) all dispatch."""
+    import cpoc_kernels.cli as cli_module
+
+    def with_defaults(sub):
+        sub.add_parser("x-defaults").set_defaults(func=lambda args: 11)
+
+    def returning(sub):
+        sub.add_parser("x-returning")
+        return lambda args: 12
+
+    def filling(sub, commands):
+        sub.add_parser("x-filling")
+        commands["x-filling"] = lambda args: 13
+
+    monkeypatch.setattr(cli_module, "REGISTRARS", [*cli_module.REGISTRARS, with_defaults, returning, filling])
+    monkeypatch.setattr(cli_module, "COMMANDS", {})
+    assert [cli([name])[0] for name in ("x-defaults", "x-returning", "x-filling")] == [11, 12, 13]
+    code, _, err = cli(["x-unknown"])
+    assert code == 2 and "invalid choice" in err

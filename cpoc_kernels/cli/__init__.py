@@ -6,9 +6,10 @@ before any model is built wherever possible), 3 no verdict (validate could not r
 
 Adding a subcommand: write ``register(subparsers)`` in your own module — it calls ``subparsers.add_parser(...)``,
 adds arguments and ``set_defaults(func=handler)`` with ``handler(args) -> int`` (raise
-:class:`~cpoc_kernels.cli.common.UsageError` for bad input) — and add ONE entry to :data:`REGISTRARS`: the function
-itself or a lazy ``"package.module:function"`` string (imported only when the parser is built, so ``cpoc`` starts
-without your dependencies being imported by the other commands' modules).
+:class:`~cpoc_kernels.cli.common.UsageError` for bad input; returning the handler, or taking ``(subparsers,
+COMMANDS)`` and filling that table, works too) — and add ONE entry to :data:`REGISTRARS`: the function itself or a
+lazy ``"package.module:function"`` string (imported only when the parser is built, so ``cpoc`` starts without your
+dependencies being imported by the other commands' modules).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .common import EXIT_FRAUD, EXIT_NO_VERDICT, EXIT_OK, EXIT_USAGE, Parser, Us
 from .files import register_generate, register_validate
 from .mixed import register_bench_mixed, register_demo
 
+COMMANDS: dict = {}  # subcommand name -> handler(args) -> int, for registrars that return or fill a table
 REGISTRARS: list = [
     register_demo,
     register_generate,
@@ -44,13 +46,28 @@ def _registrar(entry):
     return getattr(importlib.import_module(module), name)
 
 
+def _register(entry, sub) -> None:
+    """Call one registrar: ``register(sub)`` (may return the handler of the subcommand it added) or
+    ``register(sub, COMMANDS)`` (fills the table itself)."""
+    import inspect
+
+    register = _registrar(entry)
+    before = set(sub.choices)
+    params = [p for p in inspect.signature(register).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    handler = register(sub, COMMANDS) if len(params) >= 2 else register(sub)
+    if callable(handler):
+        for name in set(sub.choices) - before:
+            COMMANDS.setdefault(name, handler)
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="cpoc", description="Gonka PoC v2 nonces inside inference batches (cpoc_kernels). "
                                              "Exit codes: 0 ok/honest, 1 fraud, 2 bad input, 3 no verdict.")
     parser.add_argument("--version", action="version", version=f"cpoc {version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for entry in REGISTRARS:
-        _registrar(entry)(sub)
+        _register(entry, sub)
     return parser
 
 
@@ -62,7 +79,8 @@ def _one_line(message) -> str:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        handler = getattr(args, "func", None) or COMMANDS[args.command]
+        return handler(args)
     except SystemExit as exc:  # --help / --version
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     except (UsageError, ValueError) as exc:
@@ -80,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-__all__ = ["EXIT_FRAUD", "EXIT_NO_VERDICT", "EXIT_OK", "EXIT_USAGE", "ProgressBar", "REGISTRARS", "UsageError",
+__all__ = ["COMMANDS", "EXIT_FRAUD", "EXIT_NO_VERDICT", "EXIT_OK", "EXIT_USAGE", "ProgressBar", "REGISTRARS", "UsageError",
            "build_parser", "main", "parse_nonces", "version"]
 
 if __name__ == "__main__":

@@ -158,6 +158,18 @@ class CBInternals:
         if mgr.batch_processor is not None:
             wrap_scheduler(mgr.batch_processor)
 
+    def wrap_scheduler(self, patches: Patches, batch_processor, make_schedule, make_has_pending) -> None:
+        """Replace the scheduler's ``schedule_batch`` / ``has_pending_requests`` (once per scheduler) by
+        ``make_schedule(scheduler, original)`` / ``make_has_pending(scheduler, original)``."""
+        sched = self.scheduler(batch_processor)
+        if getattr(sched, "_cpoc_wrapped", False):
+            return
+        original_schedule = _require(sched, "schedule_batch", "Scheduler")
+        original_pending = _require(sched, "has_pending_requests", "Scheduler")
+        patches.set(sched, "_cpoc_wrapped", True)
+        patches.set(sched, "schedule_batch", make_schedule(sched, original_schedule))
+        patches.set(sched, "has_pending_requests", make_has_pending(sched, original_pending))
+
     # ------------------------------------------------------------------ batch processor
     def scheduler(self, batch_processor):
         return _require(batch_processor, "scheduler", "ContinuousBatchProcessor")

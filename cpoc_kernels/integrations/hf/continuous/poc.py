@@ -182,7 +182,12 @@ class ContinuousPoC:
 
     @property
     def collected(self) -> list[Artifact]:
+        """Every artifact produced since attach (also delivered to ``on_artifact`` and :meth:`artifacts`)."""
         return self._shared.collected
+
+    @collected.setter
+    def collected(self, artifacts: list[Artifact]) -> None:
+        self._shared.collected = artifacts
 
     @property
     def on_artifact(self) -> Callable[[Artifact], None] | None:

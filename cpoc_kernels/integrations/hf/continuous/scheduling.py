@@ -59,13 +59,8 @@ class PoCScheduler:
 
     def wrap(self, bp) -> None:
         """Install the wrappers on ``bp``'s scheduler (once)."""
-        cb = self.shared.cb
-        sched = cb.scheduler(bp)
-        if getattr(sched, "_cpoc_wrapped", False):
-            return
-        self.patches.set(sched, "_cpoc_wrapped", True)
-        self.patches.set(sched, "schedule_batch", self._make_schedule(sched, bp, sched.schedule_batch))
-        self.patches.set(sched, "has_pending_requests", self._make_has_pending(sched.has_pending_requests))
+        self.shared.cb.wrap_scheduler(self.patches, bp, lambda sched, original: self._make_schedule(sched, bp, original),
+                                      lambda sched, original: self._make_has_pending(original))
 
     def fixed_cost(self) -> float | None:
         """Measured PoC cost (s) of a step carrying a few PoC rows beside chat (its fixed part), or of all PoC
