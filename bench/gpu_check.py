@@ -30,13 +30,6 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-DRY = "--dry-run" in sys.argv
-if DRY:  # before torch/triton are imported: CPU only, Triton kernels interpreted
-    os.environ["TRITON_INTERPRET"] = "1"
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-else:  # compiled kernels (tests/conftest.py would otherwise default to the interpreter in the pytest step)
-    os.environ["TRITON_INTERPRET"] = "0"
-
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 WHEEL_DIR = ROOT / ".whl"
@@ -364,11 +357,24 @@ def fetch_wheels() -> int:
 
 
 # ==================================================================================================== checks
+def guarded(run: Run, label: str, fn) -> list:
+    """The checks ``fn()`` returns, or one failed check naming the exception (the step's other checks still count)."""
+    import gpu_check_exact as X
+
+    try:
+        return list(fn())
+    except Exception as exc:  # noqa: BLE001
+        run.log("".join(traceback.format_exception(exc))[-3000:])
+        check = X.Check(f"{label} (raised)", cases=1)
+        check.fail(f"{type(exc).__name__}: {exc}"[:600])
+        return [check]
+
+
 def step_pick(run: Run):
     import gpu_check_exact as X
 
     args = dict(hiddens=(64, 100), batches=(1, 3), rounds=2, per_nonce_rows=2) if run.dry else {}
-    return checks_outcome(run, X.check_pick(device_of(run), stop=run.stop, **args))
+    return checks_outcome(run, guarded(run, "pick order", lambda: X.check_pick(device_of(run), stop=run.stop, **args)))
 
 
 def step_normals(run: Run):
@@ -377,8 +383,9 @@ def step_normals(run: Run):
     dev = device_of(run)
     shapes = [(2, 4, 64, False), (2, 3, 100, True)] if run.dry else [
         (16, 1024, 4096, False), (16, 1024, 4096, True), (4, 256, 7168, False), (64, 64, 1024, True)]
-    checks = X.check_normals_golden(dev, stop=run.stop)
-    checks += X.check_inputs_vs_torch(dev, shapes, backend="triton" if run.dry else "auto", stop=run.stop)
+    checks = guarded(run, "normals vs golden", lambda: X.check_normals_golden(dev, stop=run.stop))
+    checks += guarded(run, "poc_inputs vs torch", lambda: X.check_inputs_vs_torch(
+        dev, shapes, backend="triton" if run.dry else "auto", stop=run.stop))
     return checks_outcome(run, checks)
 
 
@@ -387,9 +394,10 @@ def step_reflect(run: Run):
 
     dev = device_of(run)
     shapes = [(8, 64), (4, 200)] if run.dry else [(16384, 1024), (8192, 4096), (4096, 7168)]
-    checks = X.check_reflect(dev, shapes, backend="triton" if run.dry else "auto", stop=run.stop)
+    checks = guarded(run, "reflect", lambda: X.check_reflect(dev, shapes, backend="triton" if run.dry else "auto",
+                                                             stop=run.stop))
     if dev.type == "cuda":
-        checks.append(X.check_reflect_cuda_graph(dev))
+        checks += guarded(run, "reflect in a CUDA graph", lambda: [X.check_reflect_cuda_graph(dev)])
     return checks_outcome(run, checks)
 
 
@@ -400,18 +408,20 @@ def step_readout(run: Run):
 
     shapes = [(4, 64, torch.float32), (3, 100, torch.bfloat16)] if run.dry else [
         (512, 1024, torch.float32), (512, 4096, torch.float32), (512, 7168, torch.float32), (256, 4096, torch.bfloat16)]
-    return checks_outcome(run, X.check_readout(device_of(run), shapes, backend="triton" if run.dry else "auto",
-                                               stop=run.stop))
+    return checks_outcome(run, guarded(run, "readout", lambda: X.check_readout(
+        device_of(run), shapes, backend="triton" if run.dry else "auto", stop=run.stop)))
 
 
 def step_smst(run: Run):
     import gpu_check_exact as X
 
-    # Under the interpreter a root costs ~25 launches of seconds each: one random tree and one golden tree.
-    sizes = [(3, 2**20)] if run.dry else [(1, 2**20), (1000, 2**20), (100_000, 2**24), (1_000_000, 2**20),
+    # Under the interpreter a root costs ~25 launches of a second or more each: one golden tree (compared with the
+    # Go root and the C++ root), no random tree.
+    sizes = [] if run.dry else [(1, 2**20), (1000, 2**20), (100_000, 2**24), (1_000_000, 2**20),
                                           (50_000, 2**32)]
-    return checks_outcome(run, X.check_smst(device_of(run), sizes, golden_max_leaves=1 if run.dry else 64,
-                                            golden_limit=1 if run.dry else None, stop=run.stop))
+    return checks_outcome(run, guarded(run, "SMST", lambda: X.check_smst(
+        device_of(run), sizes, golden_max_leaves=1 if run.dry else 64, golden_limit=1 if run.dry else None,
+        stop=run.stop)))
 
 
 # ==================================================================================================== tests, benches
@@ -612,6 +622,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.fetch_wheels:
         return fetch_wheels()
+    # Before torch/triton are imported (the steps import them): a dry run is CPU-only with interpreted kernels; a GPU
+    # run compiles them (tests/conftest.py would otherwise default the pytest step to the interpreter).
+    os.environ["TRITON_INTERPRET"] = "1" if args.dry_run else "0"
+    if args.dry_run:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     budget = args.budget if args.budget is not None else TOTAL_BUDGET * (DRY_SCALE if args.dry_run else 1.0)
     run = Run(args.out, args.dry_run, budget)
     faulthandler.enable()
