@@ -4,6 +4,10 @@
     python3 bench/gpu_check.py --dry-run --out /tmp/gpu_dry   # CPU, tiny shapes, Triton interpreter (CI runs this)
     python3 bench/gpu_check.py --fetch-wheels                 # here, before a run on a machine without registries
 
+A machine that cannot reach a package registry gets the missing packages as wheels: ``--fetch-wheels`` puts them in
+``.whl/`` (git-ignored), which then travels with the working tree; write ``--out`` to a folder that comes back
+from that machine (e.g. ``--out "$OUT/gpu_results"``) and give the command ~9.5 minutes.
+
 Steps (each isolated: an exception is recorded as ERROR and the next step runs; results.json and results.md are
 rewritten after every step, so a timeout still leaves them): env, install, pick, normals, reflect, readout, smst,
 gpu_tests, bench_kernels, bench_merkle, hf. Each has a time budget (STEPS below, with the bytes/FLOPs estimate
@@ -128,7 +132,11 @@ class Run:
             tmp = self.out / "results.json.tmp"
             tmp.write_text(json.dumps(doc, indent=1, default=str))
             tmp.replace(self.out / "results.json")
-            (self.out / "results.md").write_text(markdown_report(doc) + "\n")
+            try:
+                text = markdown_report(doc)
+            except Exception as exc:  # noqa: BLE001  (the JSON above is the record; never lose it to the report)
+                text = f"## GPU verification\n\nreport failed: {type(exc).__name__}: {exc}; see results.json"
+            (self.out / "results.md").write_text(text + "\n")
 
 
 def run_step(run: Run, name: str, fn) -> StepResult:
