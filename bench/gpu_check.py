@@ -54,34 +54,37 @@ STEPS: dict[str, tuple[float, str]] = {
     "pick": (20, "9 (H, B) groups x 8 rounds of int64 scores [<=200, <=7168] (<= 11 MB per topk, ~0.3 GB in all: "
                  "< 0.1 ms of HBM); host side dominates: pick_table on the CPU (mmh + stable argsort of <= 1.4 M "
                  "int64, ~0.15 s per call, ~4 s in all) and 1 800 one-nonce topk calls with a sync (~0.1 s)"),
-    "normals": (25, "golden: 49 small cases (launch-bound, ~1 s); poc_inputs vs reference on 16x1024x4096 (legacy, "
+    "normals": (40, "golden: 49 small cases (launch-bound, ~1 s); poc_inputs vs reference on 16x1024x4096 (legacy, "
                     "stronger), 4x256x7168, 64x64x1024: 150 M normals, ~40 FLOP each = 6 GFLOP (< 1 ms at 67 TFLOP/s "
                     "fp32); bytes: kernel writes 4+2+2 B/element, the reference ~12 passes x 4 B: ~8 GB = 2.5 ms at "
-                    "3.35 TB/s; the budget is ~8 Triton compiles (~1.5 s each) and the per-nonce reference launches"),
-    "reflect": (25, "bf16 rows 16384x1024, 8192x4096, 4096x7168 (32/64/56 MB, hidden + residual): 4 op runs + "
-                    "reference ~6 passes = ~2.5 GB = 0.8 ms; 4 kernel specialisations to compile (~6 s); the row "
+                    "3.35 TB/s; the budget is ~12 kernel specialisations to compile (dtype x RNG x layout, ~1-2 s each) and the "
+                    "per-nonce reference launches"),
+    "reflect": (40, "bf16 rows 16384x1024, 8192x4096, 4096x7168 (32/64/56 MB, hidden + residual): 4 op runs + "
+                    "reference ~6 passes = ~2.5 GB = 0.8 ms; ~16 kernel specialisations to compile (2 kernels x block size "
+                    "x residual or not, the golden rows' sizes too; ~1-2 s each); the row "
                     "explanation runs only on differing rows; CUDA graph 512x4096 x 4 replays: negligible"),
-    "readout": (20, "B=512 x H in (1024, 4096, 7168) fp32 + 256x4096 bf16: 30 MB read; the torch reference is a "
+    "readout": (25, "B=512 x H in (1024, 4096, 7168) fp32 + 256x4096 bf16: 30 MB read; the torch reference is a "
                     "per-nonce loop (host pick + 11 Haar normal() calls, ~150 launches/nonce): 1 800 nonces x 150 x "
-                    "~8 us = ~2.5 s, plus the fp32 replay of differing rows"),
+                    "~8 us = ~2.5 s, ~8 kernel specialisations to compile (~10 s), the fp32 replay of differing rows"),
     "smst": (20, "device roots of 1, 1k, 100k, 1M, 50k leaves (25-33 levels of ~12 small launches + one host sync "
                  "each: ~10 ms/root; 1M leaves = ~3M SHA-256 blocks, < 1 ms of integer work); C++ host roots: ~1.2 M "
                  "leaves + ~4 M nodes at ~0.3 us = ~1.5 s; golden Go trees (<= 64 leaves): ~30 roots, ~0.3 s"),
-    "gpu_tests": (60, "pytest -m gpu in a subprocess: collection + imports ~15 s, tests/merkle (4 roots) and "
-                      "tests/bench/test_gpu_exact.py (smaller copies of the checks above) ~20 s"),
+    "gpu_tests": (55, "pytest -m gpu in a subprocess: collection + imports ~15 s, tests/merkle (4 roots) and "
+                      "tests/bench/test_gpu_exact.py (smaller copies of the checks above; kernels already compiled: Triton's "
+                      "disk cache) ~20 s"),
     "bench_kernels": (45, "fleet shapes: inputs 32x1024x4096 bf16 = 268 MB written (~80 us at 3.35 TB/s); reflect "
                           "32768x4096 bf16 h+r read+write = 1.07 GB (~0.32 ms); readout 0.5 MB; 17 do_bench timings x "
                           "(25 ms warm-up + 100 ms) + the slow references (up to ~50 ms a call) + 1 GiB copy: ~25 s"),
     "bench_merkle": (25, "N = 65 536 / 1 M / 4 M leaves: 4 M x ~3 SHA-256 blocks x 64 rounds x ~30 int ops = 23 G ops "
                          "(~1 ms); roots are launch/sync-bound (25-33 levels); 3 x 3 timings x 200 ms + C++ roots up "
                          "to 1 M (~2 s): ~10 s"),
-    "hf": (150, "Qwen3-0.6B shape (0.44 B non-embedding params): a 1024-token nonce = 2 x 0.44e9 x 1024 + attention "
+    "hf": (140, "Qwen3-0.6B shape (0.44 B non-embedding params): a 1024-token nonce = 2 x 0.44e9 x 1024 + attention "
                 "= ~1.1 TFLOP (~2.5 ms at ~450 TFLOP/s effective); own process (torch + transformers import ~10 s), "
                 "deterministic model build ~20 s (0.6 B host uniforms), pure PoC 128 nonces, 10 s of idle continuous "
                 "PoC, chat 48 requests x ~80 tokens at 16 in flight with PoC off then on (~2 x 15 s), 64 artifacts "
                 "recomputed: ~90 s"),
 }
-TOTAL_BUDGET = 480.0  # 8 minutes; sum(STEPS) = 455 s, so a step that overruns still leaves the last ones a chance
+TOTAL_BUDGET = 480.0  # 8 minutes = sum(STEPS) + 5 s; a step that is skipped or ends early leaves time to the next
 DRY_SCALE = 10.0  # budgets on a 2-core CPU under the Triton interpreter
 
 
@@ -606,7 +609,7 @@ def markdown_report(doc: dict) -> str:
                   f"{_fmt(on.get('poc_token_share'), '.0%')} of the tokens |",
                   f"| greedy chat outputs changed by PoC | {_fmt(on.get('outputs_differ_from_off'))} |",
                   f"| artifacts vs plain batches (PoCRunner) | {_fmt(art.get('bit_identical'))}/{_fmt(art.get('compared'))}"
-                  f" bit-identical, max L2 {_fmt(art.get('max_l2'))}, {_fmt(art.get('mismatches_l2_gt_0_2'))} > 0.2, "
+                  f" bit-identical ({_fmt(art.get('from_chat_run'))} from the run beside chat), max L2 {_fmt(art.get('max_l2'))}, {_fmt(art.get('mismatches_l2_gt_0_2'))} > 0.2, "
                   f"fraud={art.get('fraud')} |"]
         if hf.get("skipped") or hf.get("errors"):
             lines += ["", f"HF phases skipped: {hf.get('skipped') or '–'}; errors in: {list(hf.get('errors', {})) or '–'}"]

@@ -129,3 +129,11 @@ def test_a_raising_check_is_recorded_as_a_failure_and_reported(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "| reflect (raised) | FAIL | 0/1 | RuntimeError: boom on the device |" in md
     assert "Skipped by the budget: hf" in md and "not reached: env, install, pick" in md
+
+
+def test_step_budgets_fit_in_eight_minutes_and_state_their_estimate():
+    import gpu_check as G
+
+    assert [name for name, _ in G.ORDER] == list(G.STEPS) == STEPS
+    assert sum(budget for budget, _ in G.STEPS.values()) <= G.TOTAL_BUDGET <= 8 * 60
+    assert all(len(estimate) > 30 for _, estimate in G.STEPS.values())
