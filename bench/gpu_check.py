@@ -326,9 +326,14 @@ def step_install(run: Run):
         base = ["install", "-q", "--no-deps", "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(SITE)]
         if run.dry:
             plan["transformers_install"] = f"would install into {SITE}: {wheels or WHEELS}"
-        elif wheels:
-            r = pip(base + ["--no-index", *wheels], 180)
-            plan["transformers_install"] = f"carried wheels, rc {r.returncode} {r.stderr[-300:]}"
+        elif wheels:  # one at a time: a wheel for another Python must not keep the others out
+            codes = {}
+            for wheel in wheels:
+                r = pip(base + ["--no-index", wheel], 180)
+                codes[Path(wheel).name] = r.returncode
+                if r.returncode:
+                    run.log(f"   {Path(wheel).name}: {r.stderr.strip()[-300:]}")
+            plan["transformers_install"] = f"carried wheels, return codes {codes}"
         else:
             r = pip(base + ["--retries", "0", "--timeout", "8", *WHEELS], 180)
             plan["transformers_install"] = f"registry, rc {r.returncode} {r.stderr[-300:]}"
