@@ -128,6 +128,18 @@ def describe_order(got: list[int], scores: list[int]) -> str:
     return "none of: ascending index, ascending/descending score, derived"
 
 
+def order_counts(got: torch.Tensor, scores: torch.Tensor) -> dict[str, int]:
+    """How many rows of pick indices ``got`` [R, k] follow each named order, given ``scores`` [R, H] (vectorised)."""
+    s = torch.gather(scores, 1, got.to(scores.device))
+    g = got.to(scores.device)
+    asc_index = (g[:, 1:] > g[:, :-1]).all(dim=1)
+    asc_score = (s[:, 1:] > s[:, :-1]).all(dim=1)
+    derived = (g[:, 1:-1] > g[:, :-2]).all(dim=1) & (s[:, -1] == s.max(dim=1).values)
+    return {"ascending index": int(asc_index.sum()), "ascending score": int(asc_score.sum()),
+            "descending score": int((s[:, 1:] < s[:, :-1]).all(dim=1).sum()), "derived": int(derived.sum()),
+            "rows": int(g.shape[0])}
+
+
 def check_pick(device: torch.device, hiddens=(1024, 4096, 7168), batches=(1, 32, 200), rounds: int = 8,
                per_nonce_rows: int = 32, stop: Stop = never) -> list[Check]:
     """torch ``topk(sorted=False)`` order on ``device`` vs ``pick_table`` (= ``pick_indices``) and the golden picks.
@@ -142,7 +154,7 @@ def check_pick(device: torch.device, hiddens=(1024, 4096, 7168), batches=(1, 32,
     for hidden in hiddens:
         keys = torch.arange(hidden, dtype=torch.int64, device=device)
         for nb in batches:
-            bad_rows = 0
+            bad_rows, group_orders = 0, {}
             for r in range(rounds):
                 if stop():
                     batched.complete = single.complete = False
@@ -154,22 +166,29 @@ def check_pick(device: torch.device, hiddens=(1024, 4096, 7168), batches=(1, 32,
                 got = device_topk_pick(scores).cpu()
                 want = pick_table(bh, pk, nonces, hidden, K)
                 batched.cases += nb
-                for i in (got != want).any(dim=1).nonzero().flatten().tolist():
-                    bad_rows += 1
-                    row_scores = scores[i].cpu().tolist()
+                bad = (got != want).any(dim=1).nonzero().flatten()
+                if bad.numel():
+                    bad_rows += bad.numel()
+                    counts = order_counts(got[bad], scores[bad.to(scores.device)])
+                    for name, c in counts.items():
+                        group_orders[name] = group_orders.get(name, 0) + c
+                    i = int(bad[0])
                     batched.fail(f"H={hidden} B={nb} row {i} (block_hash={bh!r}, public_key={pk!r}, nonce={nonces[i]}):"
                                  f" topk {got[i].tolist()} vs pick_indices {want[i].tolist()}; same set: "
                                  f"{sorted(got[i].tolist()) == sorted(want[i].tolist())}; observed order: "
-                                 f"{describe_order(got[i].tolist(), row_scores)}")
+                                 f"{describe_order(got[i].tolist(), scores[i].cpu().tolist())}")
+                    batched.failures += bad.numel() - 1
                 for i in range(min(nb, per_nonce_rows)):
                     one = device_topk_pick(scores[i].contiguous()).cpu().tolist()
                     single.cases += 1
                     ref = R.pick_indices(bh, pk, nonces[i], hidden, K) if i == 0 else want[i].tolist()
                     if one != ref:
-                        single.fail(f"H={hidden} row {i} of a batch of {nb} (block_hash={bh!r}, nonce={nonces[i]}): "
-                                    f"topk {one} vs pick_indices {ref}; observed order: "
-                                    f"{describe_order(one, scores[i].cpu().tolist())}")
-            batched.notes.append(f"H={hidden} B={nb}: {bad_rows} rows differ")
+                        text = None if single.first_failure else (
+                            f"H={hidden} row {i} of a batch of {nb} (block_hash={bh!r}, nonce={nonces[i]}): topk {one} "
+                            f"vs pick_indices {ref}; observed order: {describe_order(one, scores[i].cpu().tolist())}")
+                        single.fail(text or "")
+            batched.notes.append(f"H={hidden} B={nb}: {bad_rows} rows differ"
+                                 + (f"; orders of the differing rows: {group_orders}" if bad_rows else ""))
     for case in _golden()["pick"]:
         scores = mmh(torch.arange(case["hidden"], dtype=torch.int64, device=device), case["seed"])
         for form, got in (("[H]", device_topk_pick(scores)), ("[1, H]", device_topk_pick(scores.view(1, -1))[0])):

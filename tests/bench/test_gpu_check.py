@@ -137,3 +137,10 @@ def test_step_budgets_fit_in_eight_minutes_and_state_their_estimate():
     assert [name for name, _ in G.ORDER] == list(G.STEPS) == STEPS
     assert sum(budget for budget, _ in G.STEPS.values()) <= G.TOTAL_BUDGET <= 8 * 60
     assert all(len(estimate) > 30 for _, estimate in G.STEPS.values())
+
+
+def test_order_counts_classify_rows():
+    scores = torch.tensor([[50, 30, 40, 10, 20]] * 3)
+    got = torch.tensor([[1, 2, 3], [3, 1, 2], [1, 3, 2]])  # ascending index, ascending score, derived
+    counts = X.order_counts(got, scores)
+    assert counts == {"ascending index": 1, "ascending score": 1, "descending score": 0, "derived": 1, "rows": 3}
