@@ -128,6 +128,18 @@ def describe_order(got: list[int], scores: list[int]) -> str:
     return "none of: ascending index, ascending/descending score, derived"
 
 
+def order_counts(got: torch.Tensor, scores: torch.Tensor) -> dict[str, int]:
+    """How many rows of pick indices ``got`` [R, k] follow each named order, given ``scores`` [R, H] (vectorised)."""
+    s = torch.gather(scores, 1, got.to(scores.device))
+    g = got.to(scores.device)
+    asc_index = (g[:, 1:] > g[:, :-1]).all(dim=1)
+    asc_score = (s[:, 1:] > s[:, :-1]).all(dim=1)
+    derived = (g[:, 1:-1] > g[:, :-2]).all(dim=1) & (s[:, -1] == s.max(dim=1).values)
+    return {"ascending index": int(asc_index.sum()), "ascending score": int(asc_score.sum()),
+            "descending score": int((s[:, 1:] < s[:, :-1]).all(dim=1).sum()), "derived": int(derived.sum()),
+            "rows": int(g.shape[0])}
+
+
 def check_pick(device: torch.device, hiddens=(1024, 4096, 7168), batches=(1, 32, 200), rounds: int = 8,
                per_nonce_rows: int = 32, stop: Stop = never) -> list[Check]:
     """torch ``topk(sorted=False)`` order on ``device`` vs ``pick_table`` (= ``pick_indices``) and the golden picks.
@@ -142,7 +154,7 @@ def check_pick(device: torch.device, hiddens=(1024, 4096, 7168), batches=(1, 32,
     for hidden in hiddens:
         keys = torch.arange(hidden, dtype=torch.int64, device=device)
         for nb in batches:
-            bad_rows = 0
+            bad_rows, group_orders = 0, {}
             for r in range(rounds):
                 if stop():
                     batched.complete = single.complete = False
@@ -154,22 +166,29 @@ def check_pick(device: torch.device, hiddens=(1024, 4096, 7168), batches=(1, 32,
                 got = device_topk_pick(scores).cpu()
                 want = pick_table(bh, pk, nonces, hidden, K)
                 batched.cases += nb
-                for i in (got != want).any(dim=1).nonzero().flatten().tolist():
-                    bad_rows += 1
-                    row_scores = scores[i].cpu().tolist()
+                bad = (got != want).any(dim=1).nonzero().flatten()
+                if bad.numel():
+                    bad_rows += bad.numel()
+                    counts = order_counts(got[bad], scores[bad.to(scores.device)])
+                    for name, c in counts.items():
+                        group_orders[name] = group_orders.get(name, 0) + c
+                    i = int(bad[0])
                     batched.fail(f"H={hidden} B={nb} row {i} (block_hash={bh!r}, public_key={pk!r}, nonce={nonces[i]}):"
                                  f" topk {got[i].tolist()} vs pick_indices {want[i].tolist()}; same set: "
                                  f"{sorted(got[i].tolist()) == sorted(want[i].tolist())}; observed order: "
-                                 f"{describe_order(got[i].tolist(), row_scores)}")
+                                 f"{describe_order(got[i].tolist(), scores[i].cpu().tolist())}")
+                    batched.failures += bad.numel() - 1
                 for i in range(min(nb, per_nonce_rows)):
                     one = device_topk_pick(scores[i].contiguous()).cpu().tolist()
                     single.cases += 1
                     ref = R.pick_indices(bh, pk, nonces[i], hidden, K) if i == 0 else want[i].tolist()
                     if one != ref:
-                        single.fail(f"H={hidden} row {i} of a batch of {nb} (block_hash={bh!r}, nonce={nonces[i]}): "
-                                    f"topk {one} vs pick_indices {ref}; observed order: "
-                                    f"{describe_order(one, scores[i].cpu().tolist())}")
-            batched.notes.append(f"H={hidden} B={nb}: {bad_rows} rows differ")
+                        text = None if single.first_failure else (
+                            f"H={hidden} row {i} of a batch of {nb} (block_hash={bh!r}, nonce={nonces[i]}): topk {one} "
+                            f"vs pick_indices {ref}; observed order: {describe_order(one, scores[i].cpu().tolist())}")
+                        single.fail(text or "")
+            batched.notes.append(f"H={hidden} B={nb}: {bad_rows} rows differ"
+                                 + (f"; orders of the differing rows: {group_orders}" if bad_rows else ""))
     for case in _golden()["pick"]:
         scores = mmh(torch.arange(case["hidden"], dtype=torch.int64, device=device), case["seed"])
         for form, got in (("[H]", device_topk_pick(scores)), ("[1, H]", device_topk_pick(scores.view(1, -1))[0])):
@@ -349,6 +368,9 @@ def explain_reflect_rows(x: torch.Tensor, v: torch.Tensor, got: torch.Tensor, wa
     return out
 
 
+EXPLAIN_MAX_ROWS = 512
+
+
 def _random_rows(n: int, hidden: int, gen: torch.Generator, device) -> torch.Tensor:
     """bf16 rows with per-row scales over four decades (activations of very different magnitudes)."""
     scale = 10.0 ** (torch.rand(n, 1, generator=gen) * 4 - 2)
@@ -382,7 +404,11 @@ def check_reflect(device: torch.device, shapes, backend: str = "auto", seed: int
             for label, got, want, inp in (("hidden", hx, want_x, x), ("residual", hr, want_r, res)):
                 rows = (got.view(torch.int16) != want.view(torch.int16)).any(dim=1).nonzero().flatten()
                 check.cases += n
-                if rows.numel():
+                if rows.numel() > EXPLAIN_MAX_ROWS:  # one row at a time on the host: examine the first ones only
+                    check.notes.append(f"H={hidden} {label}: {rows.numel()} rows differ; the first {EXPLAIN_MAX_ROWS} "
+                                       "were examined")
+                    rows = rows[:EXPLAIN_MAX_ROWS]
+                if rows.numel() and not stop():
                     reasons = explain_reflect_rows(inp[rows], v, got[rows], want[rows])
                     for r, why in zip(rows.tolist(), reasons):
                         if why:
@@ -546,35 +572,41 @@ def random_leaves(n: int, seed: int, nonce_space: int = 2**31):
 
 def check_smst(device: torch.device, sizes, golden_max_leaves: int = 64, golden_limit: int | None = None,
                stop: Stop = never) -> list[Check]:
-    """``smst_root_gpu`` on ``device`` vs the C++ root; sizes: (n, nonce_space) tuples; plus the golden Go roots
-    (trees of at most ``golden_max_leaves`` leaves, at most ``golden_limit`` of them)."""
+    """``smst_root_gpu`` on ``device`` vs the C++ root; sizes: (n, nonce_space) tuples of random trees; and the golden
+    Go trees (at most ``golden_max_leaves`` leaves, at most ``golden_limit`` trees), whose device root is compared with
+    both the Go root and the C++ root."""
     from cpoc_kernels.merkle import SMST, smst_root_gpu
 
-    check = Check("SMST: smst_root_gpu vs the C++ SMST root (random trees)")
+    check = Check("SMST: smst_root_gpu vs the C++ SMST root (random and golden trees)")
     golden = Check("SMST: smst_root_gpu vs golden Go roots")
-    for i, (n, space) in enumerate(sizes):
-        if stop():
-            check.complete = False
-            break
-        nonces, vectors = random_leaves(n, 100 + i, space)
+
+    def compare(what: str, nonces: torch.Tensor, vectors: torch.Tensor) -> bytes:
         tree = SMST()
         tree.extend(nonces, vectors)
         got = smst_root_gpu(nonces.to(device), vectors.to(device))
         check.cases += 1
         if got != tree.root:
-            check.fail(f"N={nonces.numel()} nonce space {space}: device root {got.hex()} vs C++ {tree.root.hex()}")
+            check.fail(f"{what}: device root {got.hex()} vs C++ {tree.root.hex()}")
+        return got
+
+    for i, (n, space) in enumerate(sizes):
+        if stop():
+            check.complete = False
+            break
+        nonces, vectors = random_leaves(n, 100 + i, space)
+        compare(f"random tree N={nonces.numel()} nonce space {space}", nonces, vectors)
     check.notes.append("C++ core" if SMST().native else "C++ core not built: compared with the pure-Python SMST")
     trees = json.loads((GOLDEN_DIR / "smst_vectors.json").read_text())["trees"]
-    for tree in trees:
-        if not 0 < tree["count"] <= golden_max_leaves or stop():
-            golden.complete = golden.complete and not stop()
+    for tree in sorted(trees, key=lambda t: t["count"]):
+        if not 0 < tree["count"] <= golden_max_leaves:
             continue
-        if golden_limit is not None and golden.cases >= golden_limit:
+        if stop() or (golden_limit is not None and golden.cases >= golden_limit):
+            golden.complete = golden_limit is not None and golden.cases >= golden_limit
             break
         vec = {leaf["nonce"]: bytes.fromhex(leaf["vector_hex"]) for leaf in tree["leaves"]}
         nonces = torch.tensor(tree["insert_order"], dtype=torch.int32)
         vectors = torch.from_numpy(np.stack([np.frombuffer(vec[n], dtype="<f2") for n in tree["insert_order"]]).copy())
-        got = smst_root_gpu(nonces.to(device), vectors.to(device))
+        got = compare(f"golden tree {tree['name']!r}", nonces, vectors)
         golden.cases += 1
         if got.hex() != tree["root"]:
             golden.fail(f"golden tree {tree['name']!r} ({tree['count']} leaves): {got.hex()} vs {tree['root']}")

@@ -180,7 +180,7 @@ def main() -> int:
         res = run_session(state["model"], settings, [], [], poc=True,
                           rnd=Round(rnd["block_hash"], rnd["public_key"], rnd["seq_len"]),
                           nonces=iter(range(0, 10**6)), poc_seconds=cfg["idle_seconds"], timeout=120)
-        state.setdefault("artifacts", []).extend(res.artifacts)
+        state["artifacts_idle"] = list(res.artifacts)
         pure = state.get("pure")
         return dict(nonces_per_s=res.nonces_per_s, nonces_done=res.nonces_done, window_s=res.window_s,
                     poc_token_share=res.poc_token_share, of_pure=res.nonces_per_s / pure if pure else None)
@@ -196,7 +196,9 @@ def main() -> int:
     def chat(poc: bool):
         def run():
             res = chat_run(state["model"], cfg, chat_requests(), poc=poc, rnd=rnd, nonce_start=10**6, timeout=120)
-            state.setdefault("artifacts", []).extend(res.pop("artifacts", []))
+            arts = res.pop("artifacts", [])
+            if poc:
+                state["artifacts_chat"] = arts
             tokens = res.pop("tokens")
             if not poc:
                 state["off"], state["off_tokens"] = res, tokens
@@ -212,7 +214,10 @@ def main() -> int:
     def artifacts():
         from cpoc_kernels.integrations.hf.mixed_bench import Round, recompute_and_validate
 
-        arts = sorted(state.get("artifacts", []), key=lambda a: a.nonce)[: cfg["recompute"]]
+        # Half from PoC beside chat (rows mixed into chat steps), the rest from PoC alone in the engine.
+        chat_arts = sorted(state.get("artifacts_chat", []), key=lambda a: a.nonce)[: cfg["recompute"] // 2]
+        idle_arts = sorted(state.get("artifacts_idle", []), key=lambda a: a.nonce)[: cfg["recompute"] - len(chat_arts)]
+        arts = chat_arts + idle_arts
         if not arts:
             raise RuntimeError("no artifacts from the continuous runs to compare")
         result, recomputed = recompute_and_validate(
@@ -220,7 +225,8 @@ def main() -> int:
         ref = {a.nonce: a.vector() for a in recomputed}
         identical = sum(np.array_equal(a.vector(), ref[a.nonce]) for a in arts if a.nonce in ref)
         finite = [d for d in result.distances.values() if d != math.inf]
-        return dict(compared=len(arts), bit_identical=identical, max_l2=max(finite) if finite else None,
+        return dict(compared=len(arts), from_chat_run=len(chat_arts), from_idle_run=len(idle_arts),
+                    bit_identical=identical, max_l2=max(finite) if finite else None,
                     mean_l2=float(np.mean(finite)) if finite else None, mismatches_l2_gt_0_2=result.n_mismatch,
                     p_value=result.p_value, fraud=result.fraud)
 

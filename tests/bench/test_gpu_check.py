@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +29,7 @@ def _run(out: Path, *extra: str, timeout: float) -> tuple[subprocess.CompletedPr
 
 
 def test_dry_run_runs_every_step_and_writes_json_and_markdown(tmp_path):
-    proc, doc = _run(tmp_path, timeout=170)
+    proc, doc = _run(tmp_path, timeout=600)  # ~1.5 min on an idle 2-core machine
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = doc["steps"]
     assert list(steps) == STEPS
@@ -114,3 +113,34 @@ def test_fp16_boundary_distance():
     assert X._fp16_boundary_ulps(one).item() > 1000  # fp16 1.0 is exact: far from a boundary
     mid = torch.tensor([1.0 + 2.0**-11])  # exactly halfway between fp16 1.0 and 1.0 + 2^-10
     assert X._fp16_boundary_ulps(mid).item() == 0
+
+
+def test_a_raising_check_is_recorded_as_a_failure_and_reported(tmp_path):
+    import gpu_check as G
+
+    run = G.Run(tmp_path, dry=True, budget=100)
+    checks = G.guarded(run, "reflect", lambda: (_ for _ in ()).throw(RuntimeError("boom on the device")))
+    assert [c.status for c in checks] == ["FAIL"] and "boom on the device" in checks[0].first_failure
+    status, summary, details = G.checks_outcome(run, checks)
+    assert status == "FAIL" and "reflect (raised)" in summary
+    run.results["reflect"] = G.StepResult("reflect", status, 1.0, 25.0, summary, details)
+    run.results["hf"] = G.StepResult("hf", "SKIP", 0.0, 150.0, "skipped: 3 s of the total budget left")
+    run.save()
+    md = (tmp_path / "results.md").read_text()
+    assert "| reflect (raised) | FAIL | 0/1 | RuntimeError: boom on the device |" in md
+    assert "Skipped by the budget: hf" in md and "not reached: env, install, pick" in md
+
+
+def test_step_budgets_fit_in_eight_minutes_and_state_their_estimate():
+    import gpu_check as G
+
+    assert [name for name, _ in G.ORDER] == list(G.STEPS) == STEPS
+    assert sum(budget for budget, _ in G.STEPS.values()) <= G.TOTAL_BUDGET <= 8 * 60
+    assert all(len(estimate) > 30 for _, estimate in G.STEPS.values())
+
+
+def test_order_counts_classify_rows():
+    scores = torch.tensor([[50, 30, 40, 10, 20]] * 3)
+    got = torch.tensor([[1, 2, 3], [3, 1, 2], [1, 3, 2]])  # ascending index, ascending score, derived
+    counts = X.order_counts(got, scores)
+    assert counts == {"ascending index": 1, "ascending score": 1, "descending score": 0, "derived": 1, "rows": 3}
