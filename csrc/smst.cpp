@@ -49,7 +49,8 @@ void sort_by_key(std::vector<uint64_t>& v) {
     }
 }
 
-// Runs f(begin, end) over [0, n) in contiguous chunks, one per thread (the caller runs the first).
+// Runs f(begin, end) over [0, n) in small chunks that the calling thread and up to max_threads() - 1
+// helpers take in turn (a helper that the OS does not schedule leaves its share to the others).
 template <class F>
 void parallel_chunks(size_t n, F f) {
     const int threads = max_threads();
@@ -57,11 +58,20 @@ void parallel_chunks(size_t n, F f) {
         f(size_t(0), n);
         return;
     }
-    const size_t t = std::min<size_t>(size_t(threads), n / (kParallelMin / 2));
+    const size_t grain = std::max<size_t>(kParallelMin / 8, n / (size_t(threads) * 16));
+    std::atomic<size_t> next{0};
+    auto work = [&]() {
+        for (;;) {
+            const size_t b = next.fetch_add(grain);
+            if (b >= n) return;
+            f(b, std::min(n, b + grain));
+        }
+    };
     std::vector<std::thread> pool;
-    pool.reserve(t - 1);
-    for (size_t k = 1; k < t; ++k) pool.emplace_back(f, n * k / t, n * (k + 1) / t);
-    f(size_t(0), n / t);
+    const size_t helpers = std::min<size_t>(size_t(threads) - 1, n / grain);
+    pool.reserve(helpers);
+    for (size_t k = 0; k < helpers; ++k) pool.emplace_back(work);
+    work();
     for (auto& th : pool) th.join();
 }
 
