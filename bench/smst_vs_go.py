@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
