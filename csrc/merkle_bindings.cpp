@@ -226,6 +226,22 @@ void init_merkle(py::module_& m) {
             },
             py::arg("count") = 0, "Root of the snapshot at count (0 = current tree).")
         .def(
+            "roots_at",
+            [](Smst& s, const std::vector<int64_t>& counts) {
+                std::vector<uint64_t> c;
+                c.reserve(counts.size());
+                for (int64_t v : counts) c.push_back(as_count(v, "count"));
+                std::vector<cpoc::smst::Hash> roots;
+                {
+                    py::gil_scoped_release nogil;
+                    roots = s.roots_at(c);
+                }
+                py::list out;
+                for (const auto& h : roots) out.append(hash_bytes(h));
+                return out;
+            },
+            py::arg("counts"), "Roots of the snapshots at each count (list of 32-byte roots).")
+        .def(
             "depth_at",
             [](Smst& s, int64_t count) {
                 const uint64_t c = as_count(count, "count");

@@ -49,7 +49,8 @@ void sort_by_key(std::vector<uint64_t>& v) {
     }
 }
 
-// Runs f(begin, end) over [0, n) in contiguous chunks, one per thread (the caller runs the first).
+// Runs f(begin, end) over [0, n) in small chunks that the calling thread and up to max_threads() - 1
+// helpers take in turn (a helper that the OS does not schedule leaves its share to the others).
 template <class F>
 void parallel_chunks(size_t n, F f) {
     const int threads = max_threads();
@@ -57,11 +58,20 @@ void parallel_chunks(size_t n, F f) {
         f(size_t(0), n);
         return;
     }
-    const size_t t = std::min<size_t>(size_t(threads), n / (kParallelMin / 2));
+    const size_t grain = std::max<size_t>(kParallelMin / 8, n / (size_t(threads) * 16));
+    std::atomic<size_t> next{0};
+    auto work = [&]() {
+        for (;;) {
+            const size_t b = next.fetch_add(grain);
+            if (b >= n) return;
+            f(b, std::min(n, b + grain));
+        }
+    };
     std::vector<std::thread> pool;
-    pool.reserve(t - 1);
-    for (size_t k = 1; k < t; ++k) pool.emplace_back(f, n * k / t, n * (k + 1) / t);
-    f(size_t(0), n / t);
+    const size_t helpers = std::min<size_t>(size_t(threads) - 1, n / grain);
+    pool.reserve(helpers);
+    for (size_t k = 0; k < helpers; ++k) pool.emplace_back(work);
+    work();
     for (auto& th : pool) th.join();
 }
 
@@ -73,6 +83,12 @@ void carry_up(uint8_t h[32], uint32_t key, int from, int to, uint32_t count) {
         if (shr(key, j - from) & 1u) sha::node_hash(e, h, count, h);
         else sha::node_hash(h, e, count, h);
     }
+}
+
+// reserve() with geometric growth (an exact reserve per batch would copy the whole array each time).
+template <class T>
+void grow(std::vector<T>& v, size_t need) {
+    if (need > v.capacity()) v.reserve(std::max(need, v.capacity() + v.capacity() / 2));
 }
 
 inline void put_element(uint8_t* e, const uint8_t* hash, uint32_t c) {
@@ -307,9 +323,9 @@ void Smst::extend(size_t n, const uint32_t* nonces, const uint8_t* const* vector
     }
     size_t total = 0;
     for (size_t i = 0; i < n; ++i) total += lens[i];
-    data_.reserve(data_.size() + total);
-    nonces_.reserve(nonces_.size() + n);
-    offsets_.reserve(offsets_.size() + n);
+    grow(data_, data_.size() + total);
+    grow(nonces_, nonces_.size() + n);
+    grow(offsets_, offsets_.size() + n);
     for (size_t i = 0; i < n; ++i) append_unlocked(nonces[i], vectors[i], lens[i]);
 }
 
@@ -328,7 +344,7 @@ void Smst::extend_fixed(size_t n, const uint32_t* nonces, const uint8_t* vectors
     nonces_.insert(nonces_.end(), nonces, nonces + n);
     const size_t base = data_.size();
     data_.insert(data_.end(), vectors, vectors + n * len);
-    offsets_.reserve(offsets_.size() + n);
+    grow(offsets_, offsets_.size() + n);
     for (size_t i = 0; i < n; ++i) {
         offsets_.push_back(base + (i + 1) * len);
         max_nonce_ = std::max(max_nonce_, nonces[i]);
@@ -356,36 +372,36 @@ void Smst::leaf_hash_of(uint32_t a, uint8_t out[32]) const {
 
 // ------------------------------------------------------------------------------ building the tree
 
-void Smst::sync_unlocked() {
-    const uint64_t n = nonces_.size();
-    const int depth = n ? depth_for(max_nonce_) : kDefaultDepth;
-    if (synced_ == n && (root_ == kNil || nodes_[root_].top == depth)) return;
+void Smst::sync_unlocked() { sync_to_unlocked(nonces_.size()); }
+
+void Smst::sync_to_unlocked(uint64_t n) {
+    if (n <= synced_) return;
     memos_.clear();
     memo_order_.clear();
+    uint32_t m = synced_max_;
+    for (uint64_t a = synced_; a < n; ++a) m = std::max(m, nonces_[size_t(a)]);
+    const int depth = depth_for(m);
     const uint64_t pending = n - synced_;
     // Few new leaves: insert them and rehash their paths. Many: one bulk build is cheaper.
     if (root_ == kNil || pending > std::max<uint64_t>(4096, synced_ / 8)) {
-        rebuild_unlocked();
-        synced_ = n;
-        return;
+        rebuild_unlocked(n, depth);
+    } else {
+        std::vector<uint64_t> fresh;
+        fresh.reserve(size_t(pending));
+        for (uint64_t a = synced_; a < n; ++a) fresh.push_back((uint64_t(nonces_[size_t(a)]) << 32) | a);
+        sort_by_key(fresh);  // neighbouring paths: the descents stay in cache
+        for (uint64_t w : fresh) insert_leaf_unlocked(uint32_t(w >> 32), uint32_t(w));
+        PNode& r = nodes_[root_];
+        if (r.top != depth) {
+            r.top = uint8_t(depth);
+            r.dirty = 1;
+        }
+        rehash_unlocked(root_);
     }
-    std::vector<uint64_t> fresh;
-    fresh.reserve(size_t(pending));
-    for (uint64_t a = synced_; a < n; ++a) fresh.push_back((uint64_t(nonces_[a]) << 32) | a);
-    sort_by_key(fresh);  // neighbouring paths: the descents stay in cache
-    const size_t need = nodes_.size() + 2 * fresh.size();
-    if (need > nodes_.capacity()) nodes_.reserve(std::max(need, nodes_.capacity() + nodes_.capacity() / 2));
-    for (uint64_t w : fresh) insert_leaf_unlocked(uint32_t(w >> 32), uint32_t(w));
-    PNode& r = nodes_[root_];
-    if (r.top != depth) {
-        r.top = uint8_t(depth);
-        r.dirty = 1;
-    }
-    rehash_unlocked(root_);
     synced_ = n;
+    synced_max_ = m;
 }
 
-// Needs capacity for two more nodes (the slot pointers below point into nodes_).
 void Smst::insert_leaf_unlocked(uint32_t key, uint32_t arrival) {
     PNode leaf{};
     leaf.key = key;
@@ -421,13 +437,11 @@ void Smst::insert_leaf_unlocked(uint32_t key, uint32_t arrival) {
         n.top = uint8_t(split - 1);
         n.dirty = 1;
         const uint32_t old = *slot;
-        const uint32_t leaf_id = uint32_t(nodes_.size());
+        const uint32_t leaf_id = nodes_.push_back(leaf);
         const int side = int(shr(key, split - 1) & 1u);
         b.child[side] = leaf_id;
         b.child[1 - side] = old;
-        nodes_.push_back(leaf);
-        nodes_.push_back(b);
-        *slot = leaf_id + 1;
+        *slot = nodes_.push_back(b);  // slot points into a node: arena references stay valid
         return;
     }
 }
@@ -448,9 +462,8 @@ void Smst::rehash_unlocked(uint32_t id) {
     n.dirty = 0;
 }
 
-void Smst::rebuild_unlocked() {
-    const size_t n = nonces_.size();
-    const int depth = depth_for(max_nonce_);
+void Smst::rebuild_unlocked(uint64_t count, int depth) {
+    const size_t n = size_t(count);
     std::vector<uint64_t> order(n);
     for (size_t a = 0; a < n; ++a) order[a] = (uint64_t(nonces_[a]) << 32) | a;
     sort_by_key(order);
@@ -469,9 +482,8 @@ void Smst::rebuild_unlocked() {
         }
         sha::leaf_hash_batch(jobs, k);
     });
-    std::vector<PNode>().swap(nodes_);
-    nodes_.reserve(2 * n);  // n leaves (ids 0..n-1, in key order) + n - 1 branching nodes
-    nodes_.resize(n);
+    nodes_.clear();
+    nodes_.resize(n);  // n leaves (ids 0..n-1, in key order), then n - 1 branching nodes
     parallel_chunks(n, [&](size_t b, size_t e) {
         for (size_t i = b; i < e; ++i) {
             if (i + 16 < e) __builtin_prefetch(leaf_hash.data() + 32 * size_t(uint32_t(order[i + 16])));
@@ -483,6 +495,7 @@ void Smst::rebuild_unlocked() {
             l.child[0] = a;
             l.child[1] = kNil;
             l.min_arr = l.max_arr = a;
+            l.level = l.top = l.dirty = l.pad = 0;
         }
     });
     std::vector<uint64_t>().swap(order);
@@ -503,7 +516,7 @@ void Smst::rebuild_unlocked() {
                 last = spine.back();
                 spine.pop_back();
             }
-            const uint32_t id = uint32_t(nodes_.size());
+            const uint32_t id = uint32_t(nodes_.size());  // = the push_back below
             PNode b{};
             b.level = uint8_t(level);
             b.key = shr(nodes_[i].key, level);
@@ -596,6 +609,7 @@ void Smst::check_count(uint64_t c) const {
 
 int Smst::depth_of_snapshot(uint64_t c) const {
     if (c == nonces_.size()) return depth_for(max_nonce_);
+    if (c == synced_) return depth_for(synced_max_);
     uint32_t m = 0;
     for (uint64_t a = 0; a < c; ++a) m = std::max(m, nonces_[size_t(a)]);
     return depth_for(m);
@@ -710,6 +724,26 @@ Hash Smst::root_at(uint64_t count) {
     return hash_at(snapshot_start(depth_c), depth_c, c, memo_for(c)).hash;
 }
 
+std::vector<Hash> Smst::roots_at(const std::vector<uint64_t>& counts) {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (uint64_t c : counts) check_count(c);
+    std::vector<size_t> order(counts.size());
+    for (size_t k = 0; k < order.size(); ++k) order[k] = k;
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return counts[a] < counts[b]; });
+    std::vector<Hash> out(counts.size());
+    for (size_t k : order) {
+        const uint64_t c = counts[k];
+        if (c >= synced_) {  // grow the tree up to c: the root is then the tree's own
+            sync_to_unlocked(c);
+            std::memcpy(out[k].data(), nodes_[root_].hash, 32);
+        } else {
+            const int depth_c = depth_of_snapshot(c);
+            out[k] = hash_at(snapshot_start(depth_c), depth_c, c, memo_for(c)).hash;
+        }
+    }
+    return out;
+}
+
 int Smst::depth_at(uint64_t count) {
     std::lock_guard<std::mutex> lk(mu_);
     if (count == 0) return nonces_.empty() ? kDefaultDepth : depth_for(max_nonce_);
@@ -739,14 +773,27 @@ void Smst::proofs(size_t n, const uint64_t* dense_indices, uint64_t count, uint8
     if (n == 0) return;
     const int depth_c = depth_of_snapshot(c);
     const size_t stride = size_t(depth_c) * kProofElementSize;
+    // Walk in dense-index order: neighbouring walks share their upper paths (cache friendly).
+    std::vector<uint64_t> order(n);
+    for (size_t i = 0; i < n; ++i) order[i] = (dense_indices[i] << 32) | i;
+    if (n >= 64 && n <= 0xFFFFFFFFull && c <= 0xFFFFFFFFull) sort_by_key(order);
+    else for (size_t i = 0; i < n; ++i) order[i] = i;  // (no packing possible: keep the given order)
+    const bool packed = n >= 64 && n <= 0xFFFFFFFFull && c <= 0xFFFFFFFFull;
+    auto item = [&](size_t k) { return packed ? size_t(uint32_t(order[k])) : size_t(order[k]); };
     if (c == nonces_.size()) {
         parallel_chunks(n, [&](size_t b, size_t e) {
-            for (size_t i = b; i < e; ++i) walk(dense_indices[i], c, depth_c, nullptr, out + i * stride);
+            for (size_t k = b; k < e; ++k) {
+                const size_t i = item(k);
+                walk(dense_indices[i], c, depth_c, nullptr, out + i * stride);
+            }
         });
         return;
     }
     Memo& memo = memo_for(c);
-    for (size_t i = 0; i < n; ++i) walk(dense_indices[i], c, depth_c, &memo, out + i * stride);
+    for (size_t k = 0; k < n; ++k) {
+        const size_t i = item(k);
+        walk(dense_indices[i], c, depth_c, &memo, out + i * stride);
+    }
 }
 
 void Smst::arrivals(size_t n, const uint64_t* dense_indices, uint64_t count, uint32_t* out) {
@@ -782,7 +829,7 @@ size_t Smst::memory_bytes() const {
     size_t memo = 0;
     for (const auto& kv : memos_) memo += kv.second.size() * (sizeof(HashCount) + 32) + kv.second.bucket_count() * 8;
     return nonces_.capacity() * 4 + data_.capacity() + offsets_.capacity() * 8 + set_.slots.capacity() * 8 +
-           nodes_.capacity() * sizeof(PNode) + memo;
+           nodes_.bytes() + memo;
 }
 
 }  // namespace cpoc::smst

@@ -57,6 +57,36 @@ struct PNode {
     uint8_t pad;
 };
 
+// Nodes in fixed-size blocks: ids and references stay valid while the tree grows, and growing never
+// copies the nodes already there (a flush at millions of leaves costs what it adds, not a realloc).
+class NodeArena {
+   public:
+    static constexpr int kShift = 16;
+    PNode& operator[](uint32_t id) { return blocks_[id >> kShift][id & kMask]; }
+    const PNode& operator[](uint32_t id) const { return blocks_[id >> kShift][id & kMask]; }
+    size_t size() const { return size_; }
+    uint32_t push_back(const PNode& n) {
+        if (size_ == blocks_.size() << kShift) blocks_.emplace_back(new PNode[size_t(1) << kShift]);
+        const uint32_t id = uint32_t(size_++);
+        (*this)[id] = n;
+        return id;
+    }
+    void resize(size_t n) {  // new nodes are left uninitialised
+        while ((blocks_.size() << kShift) < n) blocks_.emplace_back(new PNode[size_t(1) << kShift]);
+        size_ = n;
+    }
+    void clear() {
+        blocks_.clear();
+        size_ = 0;
+    }
+    size_t bytes() const { return (blocks_.size() << kShift) * sizeof(PNode); }
+
+   private:
+    static constexpr uint32_t kMask = (1u << kShift) - 1;
+    std::vector<std::unique_ptr<PNode[]>> blocks_;
+    size_t size_ = 0;
+};
+
 // Verification outcome codes (0 = valid); see verify_reason().
 enum VerifyCode : int {
     kValid = 0,
@@ -108,6 +138,10 @@ class Smst {
     // count == 0 means the current tree. Throws SnapshotNotFound for counts outside [1, count()].
     Hash root_at(uint64_t count);
     int depth_at(uint64_t count);
+    // Roots at many counts (each in 1..count()). Counts at or past the leaves already in the tree
+    // are reached by growing the tree through them in order (a replayed log checks every committed
+    // root for about the cost of one build); earlier ones are read as snapshots.
+    std::vector<Hash> roots_at(const std::vector<uint64_t>& counts);
     // Proof bytes (depth * 36). Throws std::out_of_range if dense_index >= the snapshot's count.
     std::string proof(uint64_t dense_index, uint64_t count);
     // Many proofs into out (n * depth * 36 bytes, depth = depth_at(count)); all indices checked first.
@@ -143,7 +177,8 @@ class Smst {
 
     // Brings the tree up to all leaves inserted so far (and the current depth).
     void sync_unlocked();
-    void rebuild_unlocked();
+    void sync_to_unlocked(uint64_t n);  // the tree of the first n arrivals (n >= synced_)
+    void rebuild_unlocked(uint64_t count, int depth);
     void insert_leaf_unlocked(uint32_t key, uint32_t arrival);
     void rehash_unlocked(uint32_t id);
 
@@ -164,9 +199,10 @@ class Smst {
     NonceSet set_;
     uint32_t max_nonce_ = 0;
 
-    std::vector<PNode> nodes_;
+    NodeArena nodes_;
     uint32_t root_;
-    uint64_t synced_ = 0;  // leaves (arrival prefix) in nodes_
+    uint64_t synced_ = 0;       // leaves (arrival prefix) in nodes_
+    uint32_t synced_max_ = 0;   // their largest nonce
     std::map<uint64_t, Memo> memos_;  // per snapshot count; cleared when leaves are added
     std::vector<uint64_t> memo_order_;
 };

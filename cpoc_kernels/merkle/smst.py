@@ -187,6 +187,15 @@ class SMST:
         """Root of the tree holding exactly the first ``count`` inserted leaves (1 <= count <= self.count)."""
         return self._impl.root_at(self._count(count))
 
+    def snapshot_roots(self, counts) -> list[bytes]:
+        """Roots at many counts (each 1..self.count). Native: counts not yet built into the tree are
+        reached by growing it through them in order, so replaying a log and checking every committed
+        root costs about one build (the way to verify a reopened store)."""
+        cs = [self._count(c) for c in counts]
+        if self.native:
+            return list(self._impl.roots_at(cs))
+        return [self._impl.root_at(c) for c in cs]
+
     def snapshot_depth(self, count: int) -> int:
         return int(self._impl.depth_at(self._count(count)))
 

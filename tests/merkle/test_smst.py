@@ -324,3 +324,165 @@ def test_concurrent_writers_and_readers_keep_the_tree_consistent():
     ref = SMST()
     ref.extend(np.sort(nonces), vectors[np.argsort(nonces)])
     assert (t.count, t.root) == (40_000, ref.root)
+
+
+# ------------------------------------------------------------------------------ one tree, three ways
+
+def partition_nonces(n: int, node_ids=(3, 17), node_count: int = 32, n_groups: int = 8, seed: int = 0):
+    """The network's layout: nonce = node_id + group*node_count + x*n_groups*node_count, streams at
+    different rates, arrivals interleaved in time."""
+    rng = np.random.default_rng(seed)
+    streams = [(nid, g) for nid in node_ids for g in range(n_groups)]
+    rates = rng.uniform(0.8, 1.2, len(streams))
+    per = np.floor(rates / rates.sum() * n).astype(int)
+    per[0] += n - per.sum()
+    nonces = np.concatenate([nid + g * node_count + np.arange(m) * n_groups * node_count
+                             for (nid, g), m in zip(streams, per)])
+    t = np.concatenate([np.arange(m) / r for m, r in zip(per, rates)])
+    return nonces[np.argsort(t, kind="stable")].astype(np.int32)
+
+
+@pytest.mark.parametrize("layout", ["partition", "random32"])
+def test_bulk_incremental_and_snapshot_paths_agree(sha_backend, layout):
+    """The bulk build, the incremental insert path and the snapshot recomputation are three code paths
+    in the C++ core: a tree grown batch by batch equals one built at once, and a snapshot read from
+    the grown tree equals a tree built from that prefix alone (roots, proofs, artifacts)."""
+    n = 30_000
+    rng = np.random.default_rng(5)
+    nonces = partition_nonces(n) if layout == "partition" else \
+        (rng.choice(2**32, n, replace=False) - 2**31).astype(np.int32)
+    vectors = rng.integers(0, 256, (n, 24), dtype=np.uint8)
+    bulk = SMST()
+    bulk.extend(nonces, vectors)
+    grown = SMST()
+    for lo in range(0, n, 700):  # 700 < 4096: every batch after the first goes through the insert path
+        grown.extend(nonces[lo:lo + 700], vectors[lo:lo + 700])
+        _ = grown.root
+    assert grown.root == bulk.root
+    counts = [1, 2, 699, 701, 12_345, n - 1]
+    replay = SMST()
+    replay.extend(nonces, vectors)
+    roots = replay.snapshot_roots(counts + [n])
+    for c, r in zip(counts, roots):
+        prefix = SMST()
+        prefix.extend(nonces[:c], vectors[:c])
+        assert bulk.snapshot_root(c) == prefix.root == r
+        assert bulk.snapshot_depth(c) == prefix.depth
+        idx = rng.integers(0, c, 50)
+        assert np.array_equal(bulk.proofs(idx, count=c), prefix.proofs(idx))
+        got_n, got_v = bulk.artifacts(idx, count=c)
+        exp = [prefix.artifact(int(i)) for i in idx]
+        assert got_n.tolist() == [e[0] for e in exp] and got_v == [e[1] for e in exp]
+    assert roots[-1] == bulk.root
+
+
+def test_thread_count_does_not_change_bytes():
+    lib = native()
+    if lib is None:
+        pytest.skip("cpoc_kernels._C not built")
+    rng = np.random.default_rng(8)
+    nonces = rng.choice(2**24, 60_000, replace=False).astype(np.int32)
+    vectors = rng.integers(0, 256, (60_000, 24), dtype=np.uint8)
+    before = lib.smst_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            lib.smst_set_threads(threads)
+            t = SMST()
+            t.extend(nonces, vectors)
+            results.append((t.root, t.proofs(np.arange(0, 60_000, 7)).tobytes()))
+    finally:
+        lib.smst_set_threads(before)
+    assert results[0] == results[1] == results[2]
+
+
+def test_oracle_agrees_on_the_partition_layout(smst_backend):
+    nonces = partition_nonces(3000)
+    vectors = [bytes([i % 251]) * 24 for i in range(3000)]
+    t, ref = SMST(), oracle.OracleSMST()
+    for lo in range(0, 3000, 1000):
+        t.extend(nonces[lo:lo + 1000], vectors[lo:lo + 1000])
+    ref.extend([int(x) for x in nonces], vectors)
+    assert (t.depth, t.root) == (ref.depth, ref.root_at(0))
+    assert t.snapshot_root(1500) == ref.root_at(1500)
+    assert b"".join(t.proof(700, count=1500)) == ref.proof(700, 1500)
+
+
+# ------------------------------------------------------------------------------ same API, same errors
+
+def test_snapshot_root_needs_a_count(smst_backend):
+    t = small_tree()
+    for bad in (None, 1.0, "2", True):
+        with pytest.raises(TypeError, match="count must be an integer"):
+            t.snapshot_root(bad)
+        with pytest.raises(TypeError):
+            t.snapshot_depth(bad)
+
+
+BAD_CALLS = [
+    ("proof(3)", lambda t: t.proof(3)),
+    ("proof(2**64)", lambda t: t.proof(2**64)),
+    ("proof(-1)", lambda t: t.proof(-1)),
+    ("proof(1, count=1)", lambda t: t.proof(1, count=1)),
+    ("proof(0, count=2**70)", lambda t: t.proof(0, count=2**70)),
+    ("proof(0, count=0)", lambda t: t.proof(0, count=0)),
+    ("proof(1.0)", lambda t: t.proof(1.0)),
+    ("proof(True)", lambda t: t.proof(True)),
+    ("artifact(3)", lambda t: t.artifact(3)),
+    ("artifact(2**63)", lambda t: t.artifact(2**63)),
+    ("artifacts([0, 3])", lambda t: t.artifacts([0, 3])),
+    ("proofs([0, 3])", lambda t: t.proofs(np.array([0, 3]))),
+    ("proofs([2**64-1])", lambda t: t.proofs(np.array([2**64 - 1], np.uint64))),
+    ("proofs([-1])", lambda t: t.proofs([-1])),
+    ("proofs([[0]])", lambda t: t.proofs([[0]])),
+    ("proofs([0.5])", lambda t: t.proofs([0.5])),
+    ("proofs(out=wrong shape)", lambda t: t.proofs([0], out=np.zeros((1, 23, 36), np.uint8))),
+    ("proofs(out=int32)", lambda t: t.proofs([0], out=np.zeros((1, 24, 36), np.int32))),
+    ("proofs(count=5)", lambda t: t.proofs([0], count=5)),
+    ("snapshot_root(0)", lambda t: t.snapshot_root(0)),
+    ("snapshot_root(4)", lambda t: t.snapshot_root(4)),
+    ("snapshot_root(-1)", lambda t: t.snapshot_root(-1)),
+    ("snapshot_roots([1, 9])", lambda t: t.snapshot_roots([1, 9])),
+    ("snapshot_depth(2**40)", lambda t: t.snapshot_depth(2**40)),
+    ("arrival_leaf(3)", lambda t: t.arrival_leaf(3)),
+    ("arrival_leaf(-1)", lambda t: t.arrival_leaf(-1)),
+    ("insert(2**31)", lambda t: t.insert(2**31, b"x")),
+    ("insert(1.5)", lambda t: t.insert(1.5, b"x")),
+    ("insert(str vector)", lambda t: t.insert(5, "x")),
+    ("insert(duplicate)", lambda t: t.insert(3, b"x")),
+    ("insert(empty)", lambda t: t.insert(5, b"")),
+    ("extend(float nonces)", lambda t: t.extend([1.5], [b"x"])),
+    ("extend(2-D nonces)", lambda t: t.extend([[5]], [b"x"])),
+    ("extend(lengths differ)", lambda t: t.extend([5, 6], [b"x"])),
+    ("extend(uint16 rows)", lambda t: t.extend([5], np.zeros((1, 12), np.uint16))),
+    ("extend(dup in batch)", lambda t: t.extend([5, 5], [b"x", b"y"])),
+    ("contains(2**32)", lambda t: 2**32 in t),
+]
+
+
+def _error_of(call, backend_native: bool, monkeypatch):
+    import cpoc_kernels.merkle.smst as smst_module
+
+    if not backend_native:
+        monkeypatch.setattr(smst_module, "native", lambda: None)
+    t = small_tree()
+    before = state(t)
+    try:
+        call(t)
+    except Exception as exc:  # noqa: BLE001 - the type is what is compared
+        assert state(t) == before
+        return type(exc)
+    finally:
+        monkeypatch.undo()
+    return None
+
+
+@pytest.mark.parametrize("name,call", BAD_CALLS, ids=[n for n, _ in BAD_CALLS])
+def test_native_and_oracle_raise_the_same_exception(name, call, monkeypatch):
+    if native() is None:
+        pytest.skip("cpoc_kernels._C not built")
+    got_native = _error_of(call, True, monkeypatch)
+    got_oracle = _error_of(call, False, monkeypatch)
+    assert got_native is not None, f"{name} did not raise"
+    assert got_native is got_oracle, f"{name}: native {got_native.__name__}, oracle {got_oracle}"
+    assert issubclass(got_native, (TypeError, ValueError, KeyError, IndexError))
