@@ -361,28 +361,28 @@ class CommitmentIndex:
             first = np.empty(len(up), bool)
             first[0] = True
             np.not_equal(up[1:], up[:-1], out=first[1:])
-            parent.append(np.cumsum(first) - 1)
-            m = int(parent[-1][-1]) + 1
-            is_right = (keys & np.uint32(1)).astype(bool)
-            lk = np.full(m, -1, np.int64)
-            rk = np.full(m, -1, np.int64)
-            idx = np.arange(len(keys))
-            lk[parent[-1][~is_right]] = idx[~is_right]
-            rk[parent[-1][is_right]] = idx[is_right]
-            left.append(lk)
-            right.append(rk)
+            parent.append((np.cumsum(first, dtype=np.int32) - 1))
+            starts = np.flatnonzero(first).astype(np.int32)  # first child of each parent
+            m = len(starts)
+            lead_is_right = (keys[starts] & np.uint32(1)).astype(bool)
+            pair = np.zeros(m, bool)
+            pair[:-1] = np.diff(starts) == 2
+            pair[-1] = len(keys) - starts[-1] == 2
+            left.append(np.where(lead_is_right, np.int32(-1), starts))
+            right.append(np.where(lead_is_right, starts, np.where(pair, starts + 1, np.int32(-1))).astype(np.int32))
             keys = up[first]
             keys_at.append(keys)
             hashes.append(_empties(h, m + 1))
             counts.append(np.zeros(m + 1, np.uint32))
         bucket_keys = keys
-        leaf_at = np.empty(self.count, np.int64)
-        leaf_at[self._sorted_arrival] = np.arange(len(self._sorted_arrival))
+        leaf_at = np.empty(self.count, np.int32)
+        leaf_at[self._sorted_arrival] = np.arange(len(self._sorted_arrival), dtype=np.int32)
         roots, prev = [], 0
         for c in counts_in:
-            pos = np.sort(leaf_at[prev:c])
-            hashes[0][pos] = self._leaf.view[self._sorted_arrival[pos]]
-            counts[0][pos] = 1
+            at = leaf_at[prev:c]
+            hashes[0][at] = self._leaf.view[prev:c]
+            counts[0][at] = 1
+            pos = np.sort(at)
             for h in range(1, BUCKET_HEIGHT + 1):
                 pos = _dedupe(parent[h - 1][pos])
                 lp, rp = left[h][pos], right[h][pos]
