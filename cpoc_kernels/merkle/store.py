@@ -100,8 +100,9 @@ class ArtifactStore:
 
     ``append``/``extend`` validate first (ValueError: bad vector, duplicate nonce; nothing written then),
     write the records, and flush when ``flush_interval_s`` has passed since the last flush (None: only
-    explicit ``flush()``). ``flush()`` makes the log durable, then records ``(count, root)``. Proofs are
-    served only for flushed commitments.
+    explicit ``flush()``); if that periodic flush fails, its error is raised but the records are in the
+    log (retry ``flush()``, not the append). ``flush()`` makes the log durable, then records
+    ``(count, root)``. Proofs are served only for flushed commitments.
     """
 
     def __init__(self, directory: str | os.PathLike, *, flush_interval_s: float | None = 5.0,

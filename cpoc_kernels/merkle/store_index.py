@@ -22,8 +22,10 @@ from cpoc_kernels._native import native
 from cpoc_kernels.merkle.oracle import DEFAULT_DEPTH, EMPTY_HASHES, MAX_DEPTH, PROOF_ELEMENT_SIZE
 
 BUCKET_HEIGHT = 8
+TIER_HEIGHT = 4  # 16-slot subtrees kept for every non-empty slot range: a changed bucket rehashes from these
 HASH = np.dtype("V32")  # one 32-byte hash per item: gathers and scatters are ~8x faster than on uint8 [m, 32]
 _EMPTY = np.frombuffer(b"".join(EMPTY_HASHES), HASH)
+_EMPTY_U8 = np.frombuffer(b"".join(EMPTY_HASHES), np.uint8).reshape(MAX_DEPTH + 1, 32)
 _NO_KEYS = np.empty(0, np.uint32)
 
 
@@ -32,7 +34,10 @@ def _u8(hashes: np.ndarray) -> np.ndarray:
 
 
 def _empties(height: int, n: int) -> np.ndarray:
-    return np.repeat(_EMPTY[height:height + 1], n)
+    """HASH [n] filled with E[height]."""
+    out = np.empty(n, HASH)
+    out.view(np.uint8).reshape(n, 32)[:] = _EMPTY_U8[height]
+    return out
 
 
 def node_hashes(left: np.ndarray, right: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -117,10 +122,30 @@ class Level:
             np.zeros(len(other.keys), bool)
         self.hashes[pos_c[found]], self.counts[pos_c[found]] = other.hashes[found], other.counts[found]
         new = ~found
-        if new.any():
-            self.keys = np.insert(self.keys, pos[new], other.keys[new])
-            self.hashes = np.insert(self.hashes, pos[new], other.hashes[new])
-            self.counts = np.insert(self.counts, pos[new], other.counts[new])
+        if not new.any():
+            return
+        keys, hashes, counts = other.keys[new], other.hashes[new], other.counts[new]
+        if len(self.keys) == 0 or keys[0] > self.keys[-1]:  # all after the existing ones: amortized append
+            self.keys, self.hashes, self.counts = (_append(self.keys, keys), _append(self.hashes, hashes),
+                                                   _append(self.counts, counts))
+        else:
+            self.keys = np.insert(self.keys, pos[new], keys)
+            self.hashes = np.insert(self.hashes, pos[new], hashes)
+            self.counts = np.insert(self.counts, pos[new], counts)
+
+
+def _append(arr: np.ndarray, more: np.ndarray) -> np.ndarray:
+    """arr followed by more, as a view of a buffer with spare room (arr must be such a view or own its data)."""
+    base = arr.base if arr.base is not None and arr.base.ndim == 1 and arr.base.dtype == arr.dtype else None
+    n, k = len(arr), len(more)
+    if base is not None and base.size >= n + k and \
+            base.__array_interface__["data"][0] == arr.__array_interface__["data"][0]:
+        buf = base
+    else:
+        buf = np.empty(max(2 * (n + k), 1024), arr.dtype)
+        buf[:n] = arr
+    buf[n:n + k] = more
+    return buf[:n + k]
 
 
 def level_up(level: Level, height: int) -> Level:
@@ -184,6 +209,7 @@ class CommitmentIndex:
         self._leaf = _Grow(HASH)
         self._sorted_keys = _NO_KEYS
         self._sorted_arrival = np.empty(0, np.uint32)
+        self._tier = Level()  # every non-empty node of height TIER_HEIGHT, as of the last commit
         self._upper = [Level() for _ in range(MAX_DEPTH + 1)]  # heights BUCKET_HEIGHT..MAX_DEPTH used
         self._commit_max = 0  # largest key among the committed records
         # The count-indexed log: commit i covers the first commit_counts[i] records.
@@ -236,21 +262,35 @@ class CommitmentIndex:
             self._sorted_arrival = np.insert(self._sorted_arrival, pos, new_arrival)
 
     # ------------------------------------------------------------------ buckets
-    def _bucket_leaves(self, buckets: np.ndarray, count: int) -> np.ndarray:
-        """Arrival indices of the leaves (arrival < count) in the given sorted buckets, sorted by key."""
-        lo = np.searchsorted(self._sorted_keys, buckets << np.uint32(BUCKET_HEIGHT), "left")
-        hi = np.searchsorted(self._sorted_keys, (buckets << np.uint32(BUCKET_HEIGHT)) |
-                             np.uint32((1 << BUCKET_HEIGHT) - 1), "right")
+    def _bucket_leaves(self, buckets: np.ndarray, count: int, height: int = BUCKET_HEIGHT) -> np.ndarray:
+        """Arrival indices of the leaves (arrival < count) under the given sorted nodes of ``height``,
+        sorted by key."""
+        lo = np.searchsorted(self._sorted_keys, buckets << np.uint32(height), "left")
+        hi = np.searchsorted(self._sorted_keys, (buckets << np.uint32(height)) |
+                             np.uint32((1 << height) - 1), "right")
         lengths = hi - lo
         total = int(lengths.sum())
         starts = np.repeat(lo - (np.cumsum(lengths) - lengths), lengths)
         arrival = self._sorted_arrival[np.arange(total) + starts]
         return arrival[arrival < count] if count < self.count else arrival
 
-    def _bottom_levels(self, arrival: np.ndarray) -> list[Level]:
-        """Levels 0..BUCKET_HEIGHT over the given leaves (arrival indices sorted by key)."""
+    def _buckets_from_tier(self, buckets: np.ndarray) -> Level:
+        """The given sorted buckets, hashed from the current tier nodes under them."""
+        shift = np.uint32(BUCKET_HEIGHT - TIER_HEIGHT)
+        tier = self._tier
+        lo = np.searchsorted(tier.keys, buckets << shift, "left")
+        hi = np.searchsorted(tier.keys, (buckets << shift) | np.uint32((1 << int(shift)) - 1), "right")
+        lengths = hi - lo
+        at = np.arange(int(lengths.sum())) + np.repeat(lo - (np.cumsum(lengths) - lengths), lengths)
+        level = Level(tier.keys[at], tier.hashes[at], tier.counts[at])
+        for h in range(TIER_HEIGHT, BUCKET_HEIGHT):
+            level = level_up(level, h)
+        return level
+
+    def _bottom_levels(self, arrival: np.ndarray, top: int = BUCKET_HEIGHT) -> list[Level]:
+        """Levels 0..top over the given leaves (arrival indices sorted by key)."""
         levels = [Level(self._keys.view[arrival], self._leaf.view[arrival], np.ones(len(arrival), np.uint32))]
-        for h in range(BUCKET_HEIGHT):
+        for h in range(top):
             levels.append(level_up(levels[-1], h))
         return levels
 
@@ -275,9 +315,11 @@ class CommitmentIndex:
 
     def _commit_range(self, prev: int, count: int, buckets: Level | None = None) -> tuple[int, bytes]:
         """Commits records [prev, count); ``buckets``: their changed buckets when already hashed (replay)."""
-        if buckets is None:
-            changed = _dedupe(np.sort(self._keys.view[prev:count] >> np.uint32(BUCKET_HEIGHT)))
-            buckets = self._bottom_levels(self._bucket_leaves(changed, count))[BUCKET_HEIGHT]
+        if buckets is None:  # a live commit (count == self.count): rehash the changed tier nodes, then buckets
+            tier_keys = _dedupe(np.sort(self._keys.view[prev:count] >> np.uint32(TIER_HEIGHT)))
+            leaves = self._bucket_leaves(tier_keys, count, TIER_HEIGHT)
+            self._tier.merge(self._bottom_levels(leaves, TIER_HEIGHT)[TIER_HEIGHT])
+            buckets = self._buckets_from_tier(_dedupe(tier_keys >> np.uint32(BUCKET_HEIGHT - TIER_HEIGHT)))
         self._upper[BUCKET_HEIGHT].merge(buckets)
         keys = buckets.keys
         for h in range(BUCKET_HEIGHT, MAX_DEPTH):
@@ -313,33 +355,34 @@ class CommitmentIndex:
         keys = self._sorted_keys
         hashes = [_empties(0, len(keys) + 1)]
         counts = [np.zeros(len(keys) + 1, np.uint32)]
-        parent, left, right = [], [None], [None]
+        parent, left, right, keys_at = [], [None], [None], [keys]
         for h in range(1, BUCKET_HEIGHT + 1):
             up = keys >> np.uint32(1)
             first = np.empty(len(up), bool)
             first[0] = True
             np.not_equal(up[1:], up[:-1], out=first[1:])
-            parent.append(np.cumsum(first) - 1)
-            m = int(parent[-1][-1]) + 1
-            is_right = (keys & np.uint32(1)).astype(bool)
-            lk = np.full(m, -1, np.int64)
-            rk = np.full(m, -1, np.int64)
-            idx = np.arange(len(keys))
-            lk[parent[-1][~is_right]] = idx[~is_right]
-            rk[parent[-1][is_right]] = idx[is_right]
-            left.append(lk)
-            right.append(rk)
+            parent.append((np.cumsum(first, dtype=np.int32) - 1))
+            starts = np.flatnonzero(first).astype(np.int32)  # first child of each parent
+            m = len(starts)
+            lead_is_right = (keys[starts] & np.uint32(1)).astype(bool)
+            pair = np.zeros(m, bool)
+            pair[:-1] = np.diff(starts) == 2
+            pair[-1] = len(keys) - starts[-1] == 2
+            left.append(np.where(lead_is_right, np.int32(-1), starts))
+            right.append(np.where(lead_is_right, starts, np.where(pair, starts + 1, np.int32(-1))).astype(np.int32))
             keys = up[first]
+            keys_at.append(keys)
             hashes.append(_empties(h, m + 1))
             counts.append(np.zeros(m + 1, np.uint32))
         bucket_keys = keys
-        leaf_at = np.empty(self.count, np.int64)
-        leaf_at[self._sorted_arrival] = np.arange(len(self._sorted_arrival))
+        leaf_at = np.empty(self.count, np.int32)
+        leaf_at[self._sorted_arrival] = np.arange(len(self._sorted_arrival), dtype=np.int32)
         roots, prev = [], 0
         for c in counts_in:
-            pos = np.sort(leaf_at[prev:c])
-            hashes[0][pos] = self._leaf.view[self._sorted_arrival[pos]]
-            counts[0][pos] = 1
+            at = leaf_at[prev:c]
+            hashes[0][at] = self._leaf.view[prev:c]
+            counts[0][at] = 1
+            pos = np.sort(at)
             for h in range(1, BUCKET_HEIGHT + 1):
                 pos = _dedupe(parent[h - 1][pos])
                 lp, rp = left[h][pos], right[h][pos]
@@ -349,6 +392,9 @@ class CommitmentIndex:
             node = Level(bucket_keys[pos], hashes[BUCKET_HEIGHT][pos], counts[BUCKET_HEIGHT][pos])
             roots.append(self._commit_range(prev, c, node)[1])
             prev = c
+        tier_keys = keys_at[TIER_HEIGHT]
+        live = counts[TIER_HEIGHT][:-1] > 0
+        self._tier = Level(tier_keys[live], hashes[TIER_HEIGHT][:-1][live], counts[TIER_HEIGHT][:-1][live])
         return roots
 
     def _buckets_at(self, i: int) -> Level:

@@ -360,3 +360,20 @@ def test_a_closed_store_refuses_everything_and_changes_nothing(tmp_path):
     assert store.count == 2 and 3 not in store and store.flushed == [(count, root)]
     assert snapshot(tmp_path) == before
     store.close()  # idempotent
+
+
+def test_a_failed_periodic_flush_keeps_the_records_and_a_retry_commits_them(tmp_path, monkeypatch):
+    fail = FailingWrites(monkeypatch)
+    now = [0.0]
+    with ArtifactStore(tmp_path, flush_interval_s=5.0, clock=lambda: now[0]) as store:
+        store.append(1, vec(1))
+        now[0] = 5.0
+        fail.arm(store, ROOTS_FILE, partial=3)
+        with pytest.raises(OSError, match="No space"):
+            store.append(2, vec(2))  # written, then its periodic flush failed
+        assert store.count == 2 and 2 in store and store.flushed == []
+        with pytest.raises(ValueError, match="duplicate nonce 2"):
+            store.append(2, vec(2))
+        assert store.flush()[0] == 2
+    with ArtifactStore(tmp_path, flush_interval_s=None) as store:
+        assert store.flushed == reference_roots(tmp_path) and store.count == 2

@@ -77,3 +77,20 @@ def test_commit_is_idempotent_and_needs_records():
     index.append(nonces, rows)
     first = index.commit()
     assert index.commit() == first and index.commit_counts == [10]
+
+
+@pytest.mark.parametrize("layout", ["random24", "partition", "deepening"])
+def test_commits_after_a_replay_continue_the_same_tree(layout):
+    """A reopened store replays its flushes, then keeps committing live (records after the last flush included)."""
+    nonces, rows = records(layout, 2000, seed=3)
+    tree = SMST()
+    tree.extend(nonces, rows)
+    index = CommitmentIndex()
+    index.append(nonces[:1300], rows[:1300])  # 1300 on disk, flushed at 400 and 1000
+    assert index.replay([400, 1000]) == [tree.snapshot_root(400), tree.snapshot_root(1000)]
+    for c in (1300, 1301, 1700, 2000):
+        index.append(nonces[index.count:c], rows[index.count:c])
+        assert index.commit() == (c, tree.snapshot_root(c))
+    proofs, _, root = index.proofs(1, np.arange(0, 1000, 37))
+    assert root == tree.snapshot_root(1000)
+    assert np.array_equal(proofs, tree.proofs(np.arange(0, 1000, 37), count=1000))
