@@ -56,7 +56,9 @@ class VllmServe:
         sock = free_socket()
         self.port = sock.getsockname()[1]
         sock.close()
-        env = dict(os.environ, VLLM_PLUGINS="cpoc", POC_CALLBACK_INTERVAL_SEC=str(INTERVAL),
+        # VLLM_USE_V1 / VLLM_NO_USAGE_STATS: what the MLNode runner sets for its backends (runner.py)
+        env = dict(os.environ, VLLM_USE_V1="0", VLLM_NO_USAGE_STATS="1", VLLM_PLUGINS="cpoc",
+                   POC_CALLBACK_INTERVAL_SEC=str(INTERVAL),
                    POC_CALLBACK_MAX_RETRIES="5", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
         env.pop("CPOC_VLLM_DISABLE", None)
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--dtype", "float32",
