@@ -9,6 +9,6 @@ over an :class:`~cpoc_kernels.service.engine.EngineAdapter`.
 
 Importing this package does not import FastAPI (only :mod:`.routes` does).
 """
-from .engine import EmitFn, EngineAdapter, EngineLoad, RoundSpec
+from .engine import BatchedEngineAdapter, EmitFn, EngineAdapter, EngineLoad, RoundSpec
 
-__all__ = ["EmitFn", "EngineAdapter", "EngineLoad", "RoundSpec"]
+__all__ = ["BatchedEngineAdapter", "EmitFn", "EngineAdapter", "EngineLoad", "RoundSpec"]

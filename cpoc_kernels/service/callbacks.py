@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 import httpx
 
@@ -102,9 +102,12 @@ class CallbackCounters:
     results_dropped_overflow: int = 0
     results_dropped_retries: int = 0
     last_error: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    """Held for every update from a producer thread (artifact senders of successive rounds share the counters)."""
 
     def to_json(self) -> dict:
-        out = asdict(self)
+        with self.lock:
+            out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lock"}
         out["artifacts_pending"] = self.artifacts_buffered + self.artifacts_in_flight
         out["artifacts_dropped"] = (self.artifacts_dropped_overflow + self.artifacts_dropped_retries
                                     + self.artifacts_dropped_final + self.artifacts_rejected_invalid)
@@ -143,7 +146,7 @@ class ArtifactSender:
                  counters: CallbackCounters):
         self.client, self.url, self.k_dim, self.config, self.counters = client, url_for(url, "/generated"), k_dim, config, counters
         self.metadata = dict(metadata)  # public_key, block_hash, block_height, node_id
-        self._lock = threading.Lock()
+        self._lock = counters.lock  # one lock for the buffer and the shared counters
         self._buffer: deque[dict] = deque()
         self._pending: list[dict] | None = None  # the payload being delivered (kept across retries)
         self._failures = 0
@@ -151,6 +154,7 @@ class ArtifactSender:
         self._last_send = time.monotonic()
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._closed = False
 
     # --------------------------------------------------------------------------------- producer side
     def add(self, artifacts: Sequence[Artifact]) -> None:
@@ -164,6 +168,9 @@ class ArtifactSender:
                 with self._lock:
                     self.counters.artifacts_rejected_invalid += 1
         with self._lock:
+            if self._closed:  # too late for this round's final attempt: counted, never silently kept
+                self.counters.artifacts_dropped_final += len(good)
+                return
             self._buffer.extend(good)
             self.counters.artifacts_buffered += len(good)
             over = len(self._buffer) - self.config.max_buffered_artifacts
@@ -245,9 +252,11 @@ class ArtifactSender:
                     await self._task
                 except asyncio.CancelledError:
                     pass
+        with self._lock:
+            self._closed = True
         leftover = list(self._pending or [])
         self._pending = None
-        leftover += self._take(len(self._buffer) + 0)
+        leftover += self._take(len(self._buffer))
         if not leftover:
             return
         if not final_attempt:

@@ -108,3 +108,66 @@ class EngineAdapter(abc.ABC):
     def version_info(self) -> dict:
         """Extra fields for ``GET /api/v1/pow/versions`` (engine name and version)."""
         return {}
+
+
+class BatchedEngineAdapter(EngineAdapter):
+    """An adapter whose mining is the reference's loop over :meth:`compute`: take ``round.batch_size`` nonces from
+    the partition, compute them (beside chat), emit, repeat. Engines that compute a given list of nonces with their
+    own admission (e.g. vLLM's ``AsyncCpoc.run``) only implement :meth:`compute`, :meth:`load` and
+    :attr:`model_names`. A failing batch is retried with the same nonces after ``retry_seconds`` (the partition
+    stays dense); ``max_consecutive_failures`` failures in a row end the round (:meth:`mining_error`)."""
+
+    retry_seconds: float = 0.1
+    max_consecutive_failures: int = 10
+
+    _mining_task = None
+    _mining_stop = None
+    _mining_error: str | None = None
+
+    async def start_mining(self, round: RoundSpec, nonces: Iterator[int], emit: EmitFn) -> None:
+        import asyncio
+
+        self._mining_error = None
+        self._mining_stop = asyncio.Event()
+        self._mining_task = asyncio.get_running_loop().create_task(self._mine_batches(round, nonces, emit))
+
+    async def _mine_batches(self, round: RoundSpec, nonces: Iterator[int], emit: EmitFn) -> None:
+        import asyncio
+        import itertools
+
+        failures = 0
+        batch: list[int] = []
+        while not self._mining_stop.is_set():
+            batch = batch or list(itertools.islice(nonces, round.batch_size))
+            if not batch:
+                return  # the partition reached the int32 bound
+            try:
+                artifacts = await self.compute(round, batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - retried, then reported
+                failures += 1
+                if failures >= self.max_consecutive_failures:
+                    self._mining_error = f"{type(exc).__name__}: {exc}"
+                    return
+                await asyncio.sleep(self.retry_seconds)
+                continue
+            failures = 0
+            emit(artifacts, len(batch))
+            batch = []
+
+    async def stop_mining(self, drain_seconds: float = 5.0) -> None:
+        import asyncio
+
+        task, self._mining_task = self._mining_task, None
+        if task is None:
+            return
+        self._mining_stop.set()  # the batch being computed finishes and is emitted (up to drain_seconds)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), drain_seconds)
+        except asyncio.TimeoutError:
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    def mining_error(self) -> str | None:
+        return self._mining_error

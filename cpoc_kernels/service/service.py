@@ -62,10 +62,17 @@ class ServiceConfig:
         for name, var, kind in (("max_queued_nonces", "POC_MAX_QUEUED_NONCES", int),
                                 ("result_ttl_s", "POC_GENERATE_RESULT_TTL_SEC", float)):
             if var in environ:
-                values[name] = kind(environ[var])
+                try:
+                    values[name] = kind(environ[var])
+                except ValueError:
+                    raise ValueError(f"{var}={environ[var]!r} is not a valid {kind.__name__}") from None
         values["callbacks"] = CallbackConfig.from_env(environ)
         values.update(overrides)
         return cls(**values)
+
+    def __post_init__(self):
+        if self.max_queued_nonces < 1 or not self.result_ttl_s > 0 or self.drain_seconds < 0:
+            raise ValueError("need max_queued_nonces >= 1, result_ttl_s > 0 and drain_seconds >= 0")
 
 
 class Partition(Iterator[int]):
@@ -129,7 +136,6 @@ class PoCService:
         self.counters = CallbackCounters()
         self._results: ResultSender | None = None
         self._mining: _Mining | None = None
-        self._last_round: dict | None = None
         self._engine_lock = asyncio.Lock()  # one PoC round in the engine at a time (mining or a job)
         self._jobs: OrderedDict[str, _Job] = OrderedDict()
         self._queue: deque[_Job] = deque()
@@ -216,6 +222,7 @@ class PoCService:
         """Hold the engine for this round until stopped (runs as a task; waits for a running job first).
         If the engine fails, the round ends by itself: ``/status`` says IDLE (so DAPI re-inits) with the error."""
         async with self._engine_lock:
+            failed = False
             try:
                 mining.engine_started = True
                 await self.engine.start_mining(mining.round, mining.partition,
@@ -228,13 +235,13 @@ class PoCService:
             except Exception as exc:  # noqa: BLE001 - reported in /status, the backend goes on
                 logger.error("mining failed: %s", exc)
                 self.last_mining_error = f"{type(exc).__name__}: {exc}"
-                if self._mining is mining:
-                    self._mining = None
-                    self._last_round = self._status_config(mining)
-                    self._flush(mining)
+                failed = True
             finally:
-                if mining.engine_started:
+                if mining.engine_started:  # after this, the engine emits nothing more for the round
                     await asyncio.shield(self.engine.stop_mining(self.config.drain_seconds))
+            if failed and self._mining is mining:
+                self._mining = None
+                self._flush(mining)
 
     def _flush(self, mining: _Mining) -> None:
         """Final delivery attempt of the round's artifacts, off the request path."""
@@ -248,7 +255,6 @@ class PoCService:
             await self._clear_jobs()  # first: a job waiting for the engine must not start once mining ends
             mining, self._mining = self._mining, None
             if mining is not None:
-                self._last_round = self._status_config(mining)
                 mining.task.cancel()
                 await asyncio.gather(mining.task, return_exceptions=True)
                 self._flush(mining)

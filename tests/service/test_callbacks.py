@@ -222,3 +222,21 @@ def test_validated_callback_exact_once():
                                        "p_value": 1.0, "fraud_detected": False}]
         assert rig.dapi.posts_to("/validated")[0]["path"] == "/v2/poc-batches/org%252Fmodel-b/validated"
         assert rig.counters()["results_delivered"] == 1
+
+
+def test_sender_counts_artifacts_added_after_close():
+    import asyncio
+
+    from cpoc_kernels.artifacts import Artifact
+    from cpoc_kernels.service.callbacks import ArtifactSender, CallbackCounters
+
+    async def run():
+        counters = CallbackCounters()
+        async with httpx.AsyncClient() as client:
+            sender = ArtifactSender(client, "http://127.0.0.1:9/x", {}, 12, CallbackConfig(), counters)
+            await sender.close(final_attempt=False)
+            sender.add([Artifact(1, fake_vector("h", "ab", 1)), Artifact(2, "not base64!")])
+        return counters.to_json()
+
+    c = asyncio.run(run())
+    assert (c["artifacts_dropped_final"], c["artifacts_rejected_invalid"], c["artifacts_pending"]) == (1, 1, 0)

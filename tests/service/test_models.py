@@ -116,3 +116,26 @@ def test_stat_test_names():
     assert M.StatTest().effective_fraud_threshold == 0.01
     with pytest.raises(ValidationError):
         M.StatTest.model_validate({"p_mismatch": 0})
+
+
+def test_env_knobs_keep_the_network_names():
+    from cpoc_kernels.service.callbacks import CallbackConfig
+    from cpoc_kernels.service.service import ServiceConfig
+
+    env = {"POC_CALLBACK_INTERVAL_SEC": "2.5", "POC_CALLBACK_MAX_RETRIES": "3", "POC_CALLBACK_MAX_ARTIFACTS": "7",
+           "POC_CALLBACK_MAX_CONCURRENT": "2", "POC_CALLBACK_QUEUE_SIZE": "9", "POC_MAX_QUEUED_NONCES": "11",
+           "POC_GENERATE_RESULT_TTL_SEC": "12"}
+    cfg = ServiceConfig.from_env(env)
+    cb = cfg.callbacks
+    assert (cb.interval_s, cb.max_retries, cb.max_buffered_artifacts, cb.max_concurrent_results,
+            cb.max_queued_results) == (2.5, 3, 7, 2, 9)
+    assert (cfg.max_queued_nonces, cfg.result_ttl_s) == (11, 12.0)
+    default = ServiceConfig.from_env({})  # the reference's defaults (mlnode_api.md §2, §7.2)
+    assert (default.callbacks.interval_s, default.callbacks.max_retries, default.callbacks.max_buffered_artifacts,
+            default.callbacks.timeout_s, default.max_queued_nonces, default.result_ttl_s) == (5.0, 10, 1_000_000, 10.0,
+                                                                                           100_000, 300.0)
+    assert [default.callbacks.backoff(i) for i in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
+    with pytest.raises(ValueError, match="POC_CALLBACK_MAX_RETRIES"):
+        CallbackConfig.from_env({"POC_CALLBACK_MAX_RETRIES": "many"})
+    with pytest.raises(ValueError):
+        CallbackConfig.from_env({"POC_CALLBACK_INTERVAL_SEC": "0"})

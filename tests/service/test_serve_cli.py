@@ -61,3 +61,18 @@ def test_missing_deps_are_detected(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
     assert serve.missing_serve_deps() == ["uvicorn"]
+
+
+def test_local_hf_folder_loads_as_saved(tmp_path):
+    pytest.importorskip("transformers")
+    import torch
+
+    model, names = serve.load_model("cpoc-tiny", "float32")
+    assert names == ["cpoc-tiny"]
+    folder = tmp_path / "my-model"
+    model.save_pretrained(folder)
+    loaded, names = serve.load_model(str(folder), "bfloat16")
+    assert names == [str(folder), str(folder.resolve()), "my-model"]
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    want = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    assert all(torch.equal(want[k], v) for k, v in loaded.state_dict().items())

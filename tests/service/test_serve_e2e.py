@@ -148,10 +148,13 @@ def test_serve_mines_beside_chat_and_validates(backends, dapi):
     health_s = []
     for _ in range(3):
         assert [greedy(be, p) for p in PROMPTS] == off
-        t0 = time.perf_counter()
-        assert be.http.get("/health").status_code == 200
-        health_s.append(time.perf_counter() - t0)
-    assert max(health_s) < 2.0, health_s  # the proxy's probe timeout (§11.2)
+        sampled = be.http.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0.8})
+        assert sampled.status_code == 200 and len(sampled.json()["choices"][0]["token_ids"]) == 4
+        for path in ("/health", f"{POW}/status"):
+            t0 = time.perf_counter()
+            assert be.http.get(path).status_code == 200
+            health_s.append(time.perf_counter() - t0)
+    assert max(health_s) < 2.0, health_s  # the proxy's probe and status-poll timeout (§11.2, §11.3)
     wait_for(lambda: len(dapi.stored) >= 64, what="64 delivered artifacts")
     st = be.http.get(f"{POW}/status").json()
     assert st["status"] == "GENERATING" and st["stats"]["nonces_per_second"] > 0
@@ -191,19 +194,31 @@ def test_serve_mines_beside_chat_and_validates(backends, dapi):
             "params": {"model": "org/model-b", "seq_len": SEQ_LEN, "k_dim": 12}, "batch_size": 32, "wait": True,
             "url": None, "validation": {"artifacts": [{"nonce": n, "vector_b64": v} for n, v in vectors.items()]},
             "stat_test": {"dist_threshold": 0.4, "p_mismatch": 0.1, "fraud_threshold": 0.01}, "poc_stronger_rng": False}
-    off_during = {}
-    chat = threading.Thread(target=lambda: off_during.update(t=[greedy(be, p) for p in PROMPTS]))
+    # chat keeps being served beside the validation recompute, with unchanged greedy tokens
+    chat_runs, stop_chat = [], threading.Event()
+
+    def chat_loop():
+        with httpx.Client(base_url=be.url, timeout=30) as client:
+            while not stop_chat.is_set():
+                r = client.post("/v1/completions", json={"prompt": PROMPTS[2], "max_tokens": 6, "temperature": 0})
+                chat_runs.append((r.status_code, r.json()["choices"][0]["token_ids"] if r.status_code == 200 else None))
+
+    chat = threading.Thread(target=chat_loop)
     chat.start()
+    wait_for(lambda: len(chat_runs) >= 1, 30, "chat running")
+    before = len(chat_runs)
     r = be.http.post(f"{POW}/generate", json=body)
-    chat.join()
-    assert off_during["t"] == off  # chat beside the validation recompute
+    stop_chat.set()
+    chat.join(30)
+    assert len(chat_runs) > before  # a chat request was in flight while the validation was submitted and ran
+    assert all(code == 200 and tokens == off[2] for code, tokens in chat_runs)
     assert r.status_code == 200, r.text
     res = r.json()
     expected = sorted(flipped + [garbage])
     assert res["status"] == "completed" and res["n_total"] == 20
     assert res["mismatch_nonces"] == expected and res["n_mismatch"] == 3
     p_exact = binom_sf_exact(3, 20, Fraction(1, 10))
-    assert res["p_value"] == pytest.approx(p_exact, rel=1e-12)
+    assert res["p_value"] == pytest.approx(p_exact, rel=1e-10)
     assert res["fraud_detected"] is (p_exact < 0.01)
 
     # the same job queued (wait=false): one /validated callback with the same verdict
@@ -214,7 +229,7 @@ def test_serve_mines_beside_chat_and_validates(backends, dapi):
     wait_for(lambda: len(dapi.validated) == 1, 30, "/validated callback")
     v = dapi.validated[0]
     assert v["request_id"] == r.json()["request_id"] and v["mismatch_nonces"] == expected
-    assert v["p_value"] == pytest.approx(p_exact, rel=1e-12) and (v["block_height"], v["public_key"]) == (100, PK)
+    assert v["p_value"] == pytest.approx(p_exact, rel=1e-10) and (v["block_height"], v["public_key"]) == (100, PK)
 
 
 def test_two_backends_fan_out_disjoint(backends, dapi):

@@ -143,8 +143,9 @@ class HFEngine(EngineAdapter):
         self.poc.start(round.block_hash, round.public_key, nonces, round.seq_len, k=round.k_dim,
                        stronger_rng=round.stronger_rng)
 
-    async def _end(self, drain_seconds: float, drain: bool = True) -> None:
-        await asyncio.to_thread(self.poc.stop, drain, drain_seconds)
+    async def _end(self, drain_seconds: float) -> None:
+        # always drain: no readout of this round may still be pending when the next round starts
+        await asyncio.to_thread(self.poc.stop, True, drain_seconds)
         with self._sink_lock:
             self._sink = None
 
@@ -163,18 +164,19 @@ class HFEngine(EngineAdapter):
     async def compute(self, round: RoundSpec, nonces: Sequence[int]) -> list[Artifact]:
         got: dict[int, Artifact] = {}
         nonces = list(nonces)
+        # done = every nonce read out (NaN ones included): ContinuousPoC's cumulative nonces_done counter. (Its
+        # wait() without a count can return while the last nonces' inputs are still being prepared.)
+        goal = self.poc.stats()["nonces_done"] + len(nonces)
         self._begin(round, iter(nonces), lambda art: got.__setitem__(art.nonce, art))
-        finished = False
         try:
-            while not self.poc.wait(timeout=0):
+            while not self.poc.wait(nonces=goal, timeout=0):
                 if self.poc.failed:
                     raise RuntimeError(f"PoC compute failed: {self.poc.stats()['error']}")
                 await asyncio.sleep(0.01)
             if self.poc.failed:
                 raise RuntimeError(f"PoC compute failed: {self.poc.stats()['error']}")
-            finished = True
-        finally:
-            await asyncio.shield(self._end(5.0, drain=finished))
+        finally:  # also when cancelled: in-flight nonces finish (a few steps), the rest is never admitted
+            await asyncio.shield(self._end(5.0))
         return [got[n] for n in nonces if n in got]
 
     def load(self) -> EngineLoad:
