@@ -1,4 +1,4 @@
-"""Test support for the PoC service: a uvicorn server on a loopback port in a thread, a fake DAPI enforcing the
+"""Test support for the PoC service tests (tests/service/): a uvicorn server on a loopback port in a thread, a fake DAPI enforcing the
 DAPI handler's rules (KG ``post_generated_artifacts_v2_handler.go`` as summarised in mlnode_api.md §7.4) with
 fault injection, and a cheap deterministic fake engine."""
 from __future__ import annotations
