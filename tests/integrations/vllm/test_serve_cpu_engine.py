@@ -2,7 +2,7 @@
 .ci/vllm_serve.sh): the backend started exactly as the MLNode starts it (``python -m
 vllm.entrypoints.openai.api_server --model … --dtype … --port … --host …``) plus the operator's additions
 (``VLLM_PLUGINS=cpoc`` and ``--worker-extension-cls``), TP=1, the package's tiny Qwen3; a fake DAPI on loopback
-receives the callbacks (tests/service/service_support.py). Issue 10 acceptance (b).
+receives the callbacks (tests/service_support.py). Issue 10 acceptance (b).
 
 Artifacts are compared with the package's HF reference (:class:`PoCRunner`) within
 ``artifact_match.ARTIFACT_ATOL`` (two forward implementations, see artifact_match.py); chat greedy tokens and the
@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parents[1] / "service"))
+sys.path.insert(0, str(HERE.parents[1]))  # tests/: service_support.py
 from artifact_match import assert_artifacts_close  # noqa: E402
 from service_support import FakeDapi, free_socket  # noqa: E402
 
