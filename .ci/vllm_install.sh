@@ -12,22 +12,22 @@ _quiet() {  # run a pip step; print its output only when it fails
 }
 CPOC_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-# vllmcpu's `vllm serve` API server (the PoC-service job) also needs the server-side packages below.
-_vllm_serve_deps=(uvicorn watchfiles prometheus-fastapi-instrumentator "model-hosting-container-standards<1.0.0" httpx)
+# `vllm serve`'s API server modules (the PoC-service job; 0.33's endpoint-plugin contract tests) need these too.
+_vllm_serve_deps=(uvicorn watchfiles prometheus-fastapi-instrumentator "model-hosting-container-standards<1.0.0" httpx orjson)
 
 _vllm_common_deps=(apache-tvm-ffi packaging pydantic regex cbor2 psutil pyzmq urllib3 aiohttp requests
   openai-harmony openai pillow pybase64 cachetools msgspec cloudpickle uvloop py-cpuinfo prometheus_client
   fastapi partial-json-parser "llguidance>=1.7.0,<1.8.0" einops)
 
 vllm033_venv() {
-  local venv="$CPOC_ROOT/.venv-vllm033" recipe="vllm033-r1"
+  local venv="$CPOC_ROOT/.venv-vllm033" recipe="vllm033-r3-serve"
   if [ "$(cat "$venv/.cpoc-recipe-done" 2>/dev/null)" != "$recipe" ]; then
     rm -rf "$venv"
     python3 -m venv "$venv"
     _quiet "$venv/bin/pip" install --quiet torch==2.13.0 numpy
     _quiet "$venv/bin/pip" install --quiet --no-deps vllm==0.33.0 xgrammar==0.2.8
     _quiet "$venv/bin/pip" install --quiet "${_vllm_common_deps[@]}" "transformers>=5.16.1,<5.21.0" \
-      triton pytest pytest-benchmark
+      "${_vllm_serve_deps[@]}" triton pytest pytest-benchmark
     _quiet "$venv/bin/pip" install --quiet --no-deps -e "$CPOC_ROOT"
     echo "$recipe" > "$venv/.cpoc-recipe-done"
   fi
@@ -35,7 +35,7 @@ vllm033_venv() {
 }
 
 vllmcpu_venv() {
-  local venv="$CPOC_ROOT/.venv-vllmcpu" recipe="vllmcpu-r2-serve"
+  local venv="$CPOC_ROOT/.venv-vllmcpu" recipe="vllmcpu-r3-serve"
   if [ "$(cat "$venv/.cpoc-recipe-done" 2>/dev/null)" != "$recipe" ]; then
     rm -rf "$venv"
     python3 -m venv "$venv"

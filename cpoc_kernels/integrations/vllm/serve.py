@@ -9,7 +9,7 @@ starts it, plus the worker extension::
         --worker-extension-cls cpoc_kernels.integrations.vllm.worker.CpocWorkerExtension
 
 Wiring (vLLM's two phases): :meth:`CpocEndpointPlugin.attach_router` mounts the routes while the app is built
-(no engine yet: they answer 503 ``Engine not available``); :meth:`CpocEndpointPlugin.init_state` runs once the
+(as a sub-application with FastAPI's own error handling; no engine yet: they answer 503 ``Engine not available``); :meth:`CpocEndpointPlugin.init_state` runs once the
 engine is up, checks that PoC can run in its workers (else the server does not start, with the reason) and
 creates the :class:`~cpoc_kernels.service.service.PoCService` over a
 :class:`~cpoc_kernels.integrations.vllm.service_engine.VllmEngine`. At shutdown the service is closed (mining
@@ -40,9 +40,16 @@ class CpocEndpointPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app) -> None:
-        from cpoc_kernels.service.routes import build_router
+        """Mount the routes as a FastAPI sub-application at ``/api/v1/pow``: its errors keep FastAPI's default
+        shapes and codes (``{"detail": …}``, 422 for a body that does not validate), as the contract says;
+        vLLM's app-wide handlers would turn them into OpenAI error bodies and validation errors into 400."""
+        from fastapi import FastAPI
 
-        app.include_router(build_router(lambda: getattr(app.state, STATE_ATTR, None)))
+        from cpoc_kernels.service.routes import PREFIX, build_router
+
+        pow_app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+        pow_app.include_router(build_router(lambda: getattr(app.state, STATE_ATTR, None), prefix=""))
+        app.mount(PREFIX, pow_app, name="cpoc-pow")
         inner = app.router.lifespan_context
 
         @contextlib.asynccontextmanager

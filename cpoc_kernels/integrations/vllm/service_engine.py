@@ -172,6 +172,7 @@ class VllmEngine(EngineAdapter):
             governor_reason=gov.get("stopped_reason") or (last.reason.value if last is not None else None),
             nonces_dropped_nan=self.counters["nan_dropped"],
             details={**self.counters, "last_refusal": self.last_refusal, "max_in_flight": self.max_in_flight,
+                     "max_batch_tokens": self.max_batch_tokens, "kv_tokens": self.kv_tokens,
                      "governor_mode": self.governor_mode, "governor_decisions": gov.get("decisions"),
                      "chat_tokens_observed": gov.get("chat_tokens"), "poc_tokens_observed": gov.get("poc_tokens"),
                      "last_step_chat_tokens": admission.last_load.chat_tokens

@@ -51,6 +51,63 @@ def test_entry_point_is_installed():
     assert eps.get("cpoc") == "cpoc_kernels.integrations.vllm:register"
 
 
+def test_endpoint_plugin_surface():
+    """The PoC routes ride vLLM's public endpoint-plugin group: loaded only when VLLM_PLUGINS names them, routes
+    attached in build_app (before the engine), state initialised in init_app_state (with the engine client)."""
+    import vllm.plugins as plugins
+    from vllm.entrypoints.launchers import app as launcher_app
+    from vllm.entrypoints.launchers.api_server import app_state
+    from vllm.plugins.endpoint_plugins.interface import EndpointPlugin, attach_endpoint_plugins
+
+    from cpoc_kernels.integrations.vllm.serve import CpocEndpointPlugin
+
+    assert plugins.ENDPOINT_PLUGINS_GROUP == "vllm.endpoint_plugins"
+    assert "envs.VLLM_PLUGINS is None" in source(plugins.load_endpoint_plugins)  # opt-in by name only
+    assert params(EndpointPlugin.attach_router) == ["self", "app"]
+    assert params(EndpointPlugin.init_state) == ["self", "engine_client", "state", "args"]
+    assert isinstance(CpocEndpointPlugin(), EndpointPlugin)
+    assert "attach_endpoint_plugins(app, supported_tasks)" in source(launcher_app.build_app)
+    assert "init_endpoint_plugins_state(engine_client, state, args)" in source(app_state.init_app_state)
+    assert "args.served_model_name" in source(app_state.init_app_state)  # what served_model_names() mirrors
+    assert params(attach_endpoint_plugins) == ["app", "supported_tasks"]
+
+
+def test_endpoint_plugin_attaches_the_pow_routes(monkeypatch):
+    """Through vLLM's own attach step and exception handlers: the routes exist, and their errors keep the
+    contract's FastAPI shapes (``{"detail": …}``, 422) instead of vLLM's OpenAI error bodies (400)."""
+    import asyncio
+    from importlib.metadata import entry_points
+    from types import SimpleNamespace
+
+    import httpx
+    from fastapi import FastAPI
+    from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
+    from vllm.plugins.endpoint_plugins.interface import attach_endpoint_plugins
+
+    eps = {ep.name: ep.value for ep in entry_points(group="vllm.endpoint_plugins")}
+    assert eps.get("cpoc") == "cpoc_kernels.integrations.vllm.serve:CpocEndpointPlugin"
+    monkeypatch.setenv("VLLM_PLUGINS", "cpoc")
+    app = FastAPI()
+    app.state.args = SimpleNamespace(log_error_stack=False)
+    attach_endpoint_plugins(app, ("generate",))
+    init_exception_handler(app)
+    assert [p.name for p in app.state.endpoint_plugins] == ["cpoc"]
+
+    async def calls():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cpoc.test") as http:
+            return (await http.get("/api/v1/pow/status"),
+                    await http.post("/api/v1/pow/init/generate", content=b"{not json",
+                                    headers={"Content-Type": "application/json"}))
+
+    status, bad = asyncio.run(calls())
+    assert status.status_code == 503 and status.json() == {"detail": "Engine not available"}
+    assert bad.status_code == 422 and isinstance(bad.json()["detail"], list)
+    monkeypatch.delenv("VLLM_PLUGINS")
+    plain = FastAPI()
+    attach_endpoint_plugins(plain, ("generate",))
+    assert plain.state.endpoint_plugins == []  # not named in VLLM_PLUGINS: not loaded
+
+
 def test_worker_extension_mechanism():
     from vllm.config import ParallelConfig
     from vllm.v1.worker.worker_base import WorkerWrapperBase

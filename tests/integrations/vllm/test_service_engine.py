@@ -249,7 +249,7 @@ def test_endpoint_plugin_serves_the_routes_over_loopback_http():
 
     from fastapi import FastAPI
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "service"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: service_support.py
     from service_support import LoopbackServer
 
     from cpoc_kernels.integrations.vllm.serve import CpocEndpointPlugin, served_model_names
