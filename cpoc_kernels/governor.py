@@ -31,7 +31,8 @@ Rules (chat always first):
   With no chat in the step there is nothing to slow down, but a chat request arriving during it waits
   for the step to end: PoC fills up to ``idle_max_tokens`` (default: the whole batch) and
   ``idle_max_seconds`` (default ``"auto"``: no longer than ``(1 + slo_overhead)`` × a one-token step,
-  i.e. the flat part of a GPU's step-time curve; a number: that many seconds; None: unbounded).
+  i.e. the flat part of a GPU's step-time curve, when the model has found one and no token cap is set;
+  a number: that many seconds; None: unbounded).
 * ``fixed-share``: PoC gets ``fixed_share × max_batch_tokens``, still behind chat and KV (no SLO).
 """
 from __future__ import annotations
@@ -91,8 +92,10 @@ class GovernorConfig:
     """Predicted duration of a step without chat, i.e. about the longest a chat request arriving during
     it waits: seconds; ``"auto"`` (default): ``(1 + slo_overhead)`` × the predicted time of a one-token
     step — on a GPU-shaped engine an idle step fills the flat part of the step-time curve (free) and
-    stops where a step would get slower than a chat decode step plus its SLO allowance; None: unbounded.
-    At least one PoC token per idle step, so PoC always progresses."""
+    stops where a step would get slower than a chat decode step plus its SLO allowance; ``"auto"`` does
+    nothing when ``idle_max_tokens`` is set or while the model has no flat part (a knee at 0 tokens, as
+    on a CPU, or a model without a knee); None: unbounded. At least one PoC token per idle step, so PoC
+    always progresses."""
     poc_attention_keys_per_token: float | None = None
     """Attention pairs per PoC token, if the glue reports attention keys (a full nonce averages
     ``(poc_seq_len + 1) / 2``); None: attention is folded into the per-token cost."""
@@ -251,10 +254,13 @@ class Governor:
             limits.append((math.floor(cfg.fixed_share * cfg.max_batch_tokens), BudgetReason.FIXED_SHARE))
         elif load.chat_tokens == 0:
             idle = cfg.max_batch_tokens if cfg.idle_max_tokens is None else cfg.idle_max_tokens
-            if cfg.idle_max_seconds == "auto":  # the mean fit: the flat part is learnt by filling it
-                keys = self._keys_per_poc_token()
-                bound = (1 + cfg.slo_overhead) * self.model.predict(1, keys)
-                idle = min(idle, max(1, self.model.max_tokens_within(bound, keys, 0.0, cfg.max_batch_tokens)))
+            if cfg.idle_max_seconds == "auto":
+                # only when no token cap is set and the model has found a flat part (a CPU step has none: a
+                # one-token bound there would starve PoC); the mean fit: the flat part is learnt by filling it
+                if cfg.idle_max_tokens is None and getattr(self.model, "knee_tokens", 0.0) > 0:
+                    keys = self._keys_per_poc_token()
+                    bound = (1 + cfg.slo_overhead) * self.model.predict(1, keys)
+                    idle = min(idle, max(1, self.model.max_tokens_within(bound, keys, 0.0, cfg.max_batch_tokens)))
             elif cfg.idle_max_seconds is not None:
                 idle = min(idle, max(1, self.model.max_tokens_within(
                     cfg.idle_max_seconds, self._keys_per_poc_token(), cfg.confidence_z, cfg.max_batch_tokens)))

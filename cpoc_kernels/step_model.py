@@ -240,12 +240,15 @@ class RooflineStepTimeModel:
     each with the relative ``knee_widths`` — and for every candidate the sufficient statistics of a
     weighted least-squares fit of the four linear coefficients (4×4 Gram matrix, right-hand side),
     updated in O(candidates) per step. The prediction is that of the candidate with the smallest
-    penalised residual (MAP: residuals relative to the measured time, a Gaussian prior around the
-    prior coefficients as the ridge term); coefficients are kept ≥ 0 (an active set), so predictions
-    are monotone in ``n`` and never below ``flat``.
+    penalised residual (MAP: relative residuals, a Gaussian prior around the prior coefficients as the
+    ridge term — tight on ``slope_below``, so the flat part stays flat unless the steps insist — plus a
+    BIC-like penalty for a knee over the straight line), re-ranked every ``_RERANK_EVERY`` steps (the
+    chosen candidate is refitted at every step); coefficients are kept ≥ 0 (an active set), so
+    predictions are monotone in ``n`` and never below ``flat``.
 
-    Noise and spikes: each step's weight is ``1/seconds²`` (relative errors: step times span orders
-    of magnitude) times a Huber weight against the current fit, so a step more than
+    Noise and spikes: each step's weight is ``1/t²`` (relative errors: step times span orders of
+    magnitude; ``t`` the predicted time once there is a fit, the measured one before) times a Huber
+    weight against the current fit, so a step more than
     ``outlier_sigmas`` robust standard deviations off (a GC pause, a graph capture) counts as if at
     that bound; the last ``window`` steps are kept and every ``refit_every`` steps (and once after
     the first ``warmup`` steps) the statistics are rebuilt from them with reweighting (so spikes among
@@ -257,8 +260,13 @@ class RooflineStepTimeModel:
     A direction the recent steps do not vary keeps the prior's uncertainty, so the governor stays
     cautious there (``added_seconds(..., z)``).
 
-    Deterministic: the same steps in the same order give the same fit. Cost per :meth:`observe`: a few
-    batched 4×4 solves over the candidates (~0.1 ms in numpy), plus the periodic rebuild.
+    Deterministic: the same steps in the same order give the same fit. Cost per :meth:`observe`: the
+    statistics update of every candidate and one 4×4 solve (~0.1 ms CPU in numpy), a ranking of all
+    candidates every 16 steps, and the periodic rebuild (a few ms every ``refit_every`` steps).
+
+    Limits (see bench/RESULTS.md, engine simulator): the only input is the step's row count (and
+    optionally attention keys as an additive term), so steps whose time is set by their KV reads or by
+    MoE experts touched are not separated from PoC rows' cost.
     """
 
     _TOKEN_UNIT = 1e3  # features are kept O(1): thousands of tokens, millions of keys

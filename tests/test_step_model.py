@@ -148,8 +148,23 @@ def test_is_the_governors_default_and_bounds_idle_steps_to_the_flat_part():
     assert governor.stats()["model"]["kind"] == "roofline"
     unbounded = Governor(GovernorConfig(max_batch_tokens=8192, kv_tokens_capacity=1 << 22, idle_max_seconds=None))
     assert unbounded.decide(StepLoad(chat_tokens=0, kv_tokens_free=1 << 21)).tokens == 8192
+    capped = Governor(GovernorConfig(max_batch_tokens=8192, kv_tokens_capacity=1 << 22, idle_max_tokens=5000),
+                      governor.model)  # an explicit token cap replaces the automatic bound
+    assert capped.decide(StepLoad(chat_tokens=0, kv_tokens_free=1 << 21)).tokens == 5000
     with pytest.raises(ValueError):
         GovernorConfig(max_batch_tokens=1, kv_tokens_capacity=1, idle_max_seconds="soon")
+
+
+def test_auto_idle_bound_waits_for_a_flat_part():
+    """On an engine without a flat part (a CPU: the fit is a line, knee 0) "auto" does not bound idle steps
+    (a one-token step would be its bound); a fresh model has not found a knee yet either."""
+    cfg = GovernorConfig(max_batch_tokens=4096, kv_tokens_capacity=1 << 22, poc_seq_len=1024)
+    fresh = Governor(cfg)
+    assert fresh.decide(StepLoad(chat_tokens=0, kv_tokens_free=1 << 21)).tokens == 4096
+    model = RooflineStepTimeModel()
+    feed(model, lambda n: 3e-3 + 25e-6 * n, 400, random.Random(10), high=4096)
+    assert model.knee_tokens == 0
+    assert Governor(cfg, model).decide(StepLoad(chat_tokens=0, kv_tokens_free=1 << 21)).tokens == 4096
 
 
 observations = st.lists(st.tuples(st.integers(0, 20000), st.floats(1e-5, 2.0), st.integers(0, 10 ** 7)),
