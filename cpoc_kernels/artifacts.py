@@ -90,7 +90,9 @@ def _show(value) -> str:
     """A short description of a JSON value for error messages (never a huge dump)."""
     text = repr(value)
     text = text if len(text) <= 40 else text[:37] + "..."
-    return f"{type(value).__name__} {text}"
+    kind = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array",
+            dict: "object"}.get(type(value), "value")
+    return f"{kind} {text}"
 
 
 @dataclass
@@ -181,8 +183,10 @@ class ArtifactFile:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ArtifactFile":
         try:
-            doc = json.loads(Path(path).read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            doc = json.loads(Path(path).read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON (not UTF-8 text: byte {exc.start})") from None
+        except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
         except RecursionError:
             raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None

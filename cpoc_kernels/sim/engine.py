@@ -33,7 +33,6 @@ import numpy as np
 
 from cpoc_kernels.cost import DEFAULT_SEQ_LEN, attention_key_pairs
 from cpoc_kernels.governor import Governor, GovernorConfig, StepLoad
-from cpoc_kernels.integrations.vllm.client import PoCAdmission
 
 from .hardware import EnginePreset, StepWork
 from .workload import ChatArrival
@@ -141,12 +140,15 @@ class _Engine:
         self.rng = np.random.default_rng(cfg.seed + 7919)
         self.next_rid = len(self.chat)
         self.governor: Governor | None = None
-        self.admission: PoCAdmission | None = None
+        self.admission: PoCAdmission | None = None  # noqa: F821 (imported where the vllm path needs it)
         gcfg = dict(max_batch_tokens=preset.max_batch_tokens, kv_tokens_capacity=self.kv_capacity,
                     poc_seq_len=cfg.seq_len, slo_overhead=cfg.slo_overhead)
         if cfg.poc and cfg.path == "hf":
             self.governor = Governor(GovernorConfig(**gcfg, **cfg.governor_options))
         if cfg.poc and cfg.path == "vllm":
+            # imported here: the vLLM client module pulls in torch, which `cpoc --help` must not
+            from cpoc_kernels.integrations.vllm.client import PoCAdmission
+
             self.admission = PoCAdmission(GovernorConfig(**gcfg, **cfg.governor_options))
         self.next_observe = 0.0
         self.next_poll = 0.0
