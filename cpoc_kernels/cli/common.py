@@ -6,6 +6,7 @@ line ``cpoc: error: …`` and exit code 2. Subcommands of other modules raise :c
 from __future__ import annotations
 
 import argparse
+import sys
 import math
 import os
 import tempfile
@@ -30,6 +31,13 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one clear line instead of usage + message
         raise UsageError(message)
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse turns an option value of "--" (``--out=--``) into a list; no option of ours takes one
+        for arg in sys.argv[1:] if args is None else args:
+            if isinstance(arg, str) and arg.startswith("-") and arg.endswith("=--"):
+                raise UsageError(f"argument {arg.split('=', 1)[0]}: '--' is not a value")
+        return super().parse_args(args, namespace)
 
 
 # ---------------------------------------------------------------------------------------------- nonces
