@@ -53,11 +53,49 @@ def _largest_fitting(fits, limit: int) -> int:
     return low
 
 
+class _FeaturePredictions:
+    """Predictions shared by the linear-in-features step-time models: they need ``_features(tokens, keys)``,
+    ``_theta`` and ``_cov``."""
+
+    def added_seconds(self, tokens: float, attention_keys: float, added_tokens: float, added_keys: float,
+                      z: float = 0.0) -> float:
+        """Predicted extra step time (s) from adding ``added_tokens`` rows (``added_keys`` attention
+        pairs) to a step of ``tokens`` rows: mean + z·std of the fit."""
+        v = (self._features(tokens + added_tokens, attention_keys + added_keys)
+             - self._features(tokens, attention_keys))
+        mean = float(v @ self._theta)
+        std = math.sqrt(max(float(v @ self._cov @ v), 0.0))
+        return mean + z * std
+
+    def marginal_seconds_per_token(self, attention_keys_per_token: float = 0.0, z: float = 0.0,
+                                   tokens: float = 0.0) -> float:
+        """Cost (s) of one more token attending ``attention_keys_per_token`` keys, added to a step of
+        ``tokens`` rows: mean + z·std."""
+        return self.added_seconds(tokens, 0.0, 1.0, attention_keys_per_token, z)
+
+    def max_tokens_within(self, seconds: float, keys_per_token: float, z: float, limit: int) -> int:
+        """Largest ``x`` in ``0..limit`` whose predicted step time (mean + z·std, ``x·keys_per_token``
+        attention pairs) is ≤ ``seconds``."""
+        def fits(x: int) -> bool:
+            f = self._features(x, x * keys_per_token)
+            return float(f @ self._theta) + z * math.sqrt(max(float(f @ self._cov @ f), 0.0)) <= seconds
+
+        return _largest_fitting(fits, limit)
+
+    def max_added_tokens(self, tokens: int, attention_keys: float, keys_per_added_token: float,
+                         extra_seconds: float, z: float, limit: int) -> int:
+        """Largest ``x`` in ``0..limit`` whose :meth:`added_seconds` (mean + z·std) is ≤ ``extra_seconds``."""
+        def fits(x: int) -> bool:
+            return self.added_seconds(tokens, attention_keys, x, x * keys_per_added_token, z) <= extra_seconds
+
+        return _largest_fitting(fits, limit)
+
+
 # ----------------------------------------------------------------------------------------------
 # Straight line (or hand-set knots)
 
 
-class StepTimeModel:
+class StepTimeModel(_FeaturePredictions):
     """Online fit of ``step_seconds ≈ overhead + seconds_per_token·tokens + seconds_per_key·attention_keys
     + Σ_k extra_k·max(0, tokens − knot_k)``.
 
@@ -147,38 +185,6 @@ class StepTimeModel:
         """Predicted step time (s) for ``tokens`` rows and ``attention_keys`` attention pairs."""
         return float(self._features(tokens, attention_keys) @ self._theta)
 
-    def added_seconds(self, tokens: float, attention_keys: float, added_tokens: float, added_keys: float,
-                      z: float = 0.0) -> float:
-        """Predicted extra step time (s) from adding ``added_tokens`` rows (``added_keys`` attention
-        pairs) to a step of ``tokens`` rows: mean + z·std of the fit (the overhead cancels)."""
-        v = (self._features(tokens + added_tokens, attention_keys + added_keys)
-             - self._features(tokens, attention_keys))
-        mean = float(v @ self._theta)
-        std = math.sqrt(max(float(v @ self._cov @ v), 0.0))
-        return mean + z * std
-
-    def marginal_seconds_per_token(self, attention_keys_per_token: float = 0.0, z: float = 0.0,
-                                   tokens: float = 0.0) -> float:
-        """Cost (s) of one more token attending ``attention_keys_per_token`` keys, added to a step of
-        ``tokens`` rows: mean + z·std."""
-        return self.added_seconds(tokens, 0.0, 1.0, attention_keys_per_token, z)
-
-    def max_tokens_within(self, seconds: float, keys_per_token: float, z: float, limit: int) -> int:
-        """Largest ``x`` in ``0..limit`` whose predicted step time (mean + z·std, ``x·keys_per_token``
-        attention pairs) is ≤ ``seconds``."""
-        def fits(x: int) -> bool:
-            f = self._features(x, x * keys_per_token)
-            return float(f @ self._theta) + z * math.sqrt(max(float(f @ self._cov @ f), 0.0)) <= seconds
-
-        return _largest_fitting(fits, limit)
-
-    def max_added_tokens(self, tokens: int, attention_keys: float, keys_per_added_token: float,
-                         extra_seconds: float, z: float, limit: int) -> int:
-        """Largest ``x`` in ``0..limit`` whose :meth:`added_seconds` (mean + z·std) is ≤ ``extra_seconds``."""
-        def fits(x: int) -> bool:
-            return self.added_seconds(tokens, attention_keys, x, x * keys_per_added_token, z) <= extra_seconds
-
-        return _largest_fitting(fits, limit)
 
     def observe(self, tokens: int, step_seconds: float, attention_keys: int = 0) -> None:
         """Add one measured step (``tokens`` rows took ``step_seconds`` s) and refit."""
@@ -229,7 +235,7 @@ class StepTimeModel:
 # Flat, then linear: the knee learned online
 
 
-class RooflineStepTimeModel:
+class RooflineStepTimeModel(_FeaturePredictions):
     """Online fit of ``step_seconds ≈ flat + slope_below·n + slope_above·hinge(n − knee; width)
     + seconds_per_key·attention_keys`` for a step of ``n`` rows, the knee learned from the steps.
 
@@ -550,38 +556,6 @@ class RooflineStepTimeModel:
         """Predicted step time (s) for ``tokens`` rows and ``attention_keys`` attention pairs."""
         return float(self._features(tokens, attention_keys) @ self._theta)
 
-    def added_seconds(self, tokens: float, attention_keys: float, added_tokens: float, added_keys: float,
-                      z: float = 0.0) -> float:
-        """Predicted extra step time (s) from adding ``added_tokens`` rows (``added_keys`` attention
-        pairs) to a step of ``tokens`` rows: mean + z·std of the fit."""
-        v = (self._features(tokens + added_tokens, attention_keys + added_keys)
-             - self._features(tokens, attention_keys))
-        mean = float(v @ self._theta)
-        std = math.sqrt(max(float(v @ self._cov @ v), 0.0))
-        return mean + z * std
-
-    def marginal_seconds_per_token(self, attention_keys_per_token: float = 0.0, z: float = 0.0,
-                                   tokens: float = 0.0) -> float:
-        """Cost (s) of one more token attending ``attention_keys_per_token`` keys, added to a step of
-        ``tokens`` rows: mean + z·std."""
-        return self.added_seconds(tokens, 0.0, 1.0, attention_keys_per_token, z)
-
-    def max_tokens_within(self, seconds: float, keys_per_token: float, z: float, limit: int) -> int:
-        """Largest ``x`` in ``0..limit`` whose predicted step time (mean + z·std, ``x·keys_per_token``
-        attention pairs) is ≤ ``seconds``."""
-        def fits(x: int) -> bool:
-            f = self._features(x, x * keys_per_token)
-            return float(f @ self._theta) + z * math.sqrt(max(float(f @ self._cov @ f), 0.0)) <= seconds
-
-        return _largest_fitting(fits, limit)
-
-    def max_added_tokens(self, tokens: int, attention_keys: float, keys_per_added_token: float,
-                         extra_seconds: float, z: float, limit: int) -> int:
-        """Largest ``x`` in ``0..limit`` whose :meth:`added_seconds` (mean + z·std) is ≤ ``extra_seconds``."""
-        def fits(x: int) -> bool:
-            return self.added_seconds(tokens, attention_keys, x, x * keys_per_added_token, z) <= extra_seconds
-
-        return _largest_fitting(fits, limit)
 
     def summary(self) -> dict:
         """The fitted model as plain JSON types (for ``Governor.stats``)."""
