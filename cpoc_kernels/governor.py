@@ -41,10 +41,12 @@ import math
 from dataclasses import asdict, dataclass
 from enum import Enum
 
-from cpoc_kernels.step_model import RooflineStepTimeModel, StepTimeModel, _check_count, _check_real
+from cpoc_kernels.cost import ModelShape
+from cpoc_kernels.step_model import RooflineStepTimeModel, StepTimeModel, WorkStepTimeModel, _check_count, _check_real
+from cpoc_kernels.step_work import StepWork
 
 __all__ = ["MODES", "BudgetReason", "Governor", "GovernorConfig", "PoCBudget", "RooflineStepTimeModel", "StepLoad",
-           "StepTimeModel"]
+           "StepTimeModel", "WorkStepTimeModel"]
 
 MODES = ("fill", "fixed-share", "off")
 
@@ -101,6 +103,12 @@ class GovernorConfig:
     ``(poc_seq_len + 1) / 2``); None: attention is folded into the per-token cost."""
     confidence_z: float = 1.0
     """Standard deviations of the fit added to the predicted PoC time (caution while it is uncertain)."""
+    model_shape: ModelShape | None = None
+    """The served model's shape. Given, the default step-time model is :class:`WorkStepTimeModel` (a
+    roofline of each step's bytes and FLOPs; the glue then reports KV reads and LM-head rows in
+    :class:`StepLoad` and :meth:`Governor.observe`); None: :class:`RooflineStepTimeModel` (rows only)."""
+    tensor_parallel: int = 1
+    """Cards of the tensor-parallel group serving the model (with ``model_shape``)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -124,6 +132,10 @@ class GovernorConfig:
             _check_real("idle_max_seconds", self.idle_max_seconds, strictly=True)
         if self.poc_attention_keys_per_token is not None:
             _check_real("poc_attention_keys_per_token", self.poc_attention_keys_per_token)
+        if self.model_shape is not None and not isinstance(self.model_shape, ModelShape):
+            raise ValueError(f"model_shape must be a ModelShape or None, got {type(self.model_shape).__name__}")
+        if _check_count("tensor_parallel", self.tensor_parallel) < 1:
+            raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
 
     @property
     def kv_reserve_tokens(self) -> int:
@@ -140,8 +152,11 @@ class StepLoad:
     admitted PoC nonces not computed yet (they will still need KV). ``poc_kv_tokens_held``: KV slots
     PoC nonces in flight hold. ``waiting_chat_kv_tokens``: KV slots the waiting chat requests need to
     be admitted (at least the head of the queue; 0 if unknown: then no preemption is asked for).
-    ``chat_attention_keys``: attention pairs of the chat rows (only used when the config's
-    ``poc_attention_keys_per_token`` is set). ``poc_fixed_seconds``: the time a step pays for carrying any
+    ``chat_attention_keys``: attention pairs of the chat rows (used by :class:`WorkStepTimeModel`, and
+    by the rows models when the config's ``poc_attention_keys_per_token`` is set).
+    ``chat_kv_tokens_read``: KV entries the chat rows read (Σ over the scheduled chat requests of their
+    context after this step); ``chat_lm_rows``: chat rows through the LM head (None: one per decode
+    request) — both used by :class:`WorkStepTimeModel` only. ``poc_fixed_seconds``: the time a step pays for carrying any
     PoC rows at all, whatever their number (``fill`` mode charges it to the SLO allowance first);
     ``probe_tokens``: PoC rows allowed even when that fixed time alone exceeds the allowance (0: none).
     """
@@ -157,12 +172,18 @@ class StepLoad:
     chat_attention_keys: int = 0
     poc_fixed_seconds: float = 0.0
     probe_tokens: int = 0
+    chat_kv_tokens_read: int = 0
+    chat_lm_rows: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("chat_tokens", "kv_tokens_free", "chat_decode_requests", "chat_prefill_tokens",
                      "waiting_chat_requests", "poc_tokens_pending", "poc_kv_tokens_held",
-                     "waiting_chat_kv_tokens", "chat_attention_keys", "probe_tokens"):
+                     "waiting_chat_kv_tokens", "chat_attention_keys", "probe_tokens", "chat_kv_tokens_read"):
             _check_count(name, getattr(self, name))
+        if self.chat_lm_rows is not None:
+            _check_count("chat_lm_rows", self.chat_lm_rows)
+            if self.chat_lm_rows > self.chat_tokens:
+                raise ValueError(f"chat_lm_rows ({self.chat_lm_rows}) exceed chat_tokens ({self.chat_tokens})")
         _check_real("poc_fixed_seconds", self.poc_fixed_seconds)
         if self.chat_prefill_tokens + self.chat_decode_requests > self.chat_tokens:
             raise ValueError(f"chat_prefill_tokens ({self.chat_prefill_tokens}) + chat_decode_requests "
@@ -195,7 +216,11 @@ class Governor:
 
     def __init__(self, config: GovernorConfig, model: RooflineStepTimeModel | StepTimeModel | None = None):
         self.config = config
-        self.model = model if model is not None else RooflineStepTimeModel()
+        if model is None:
+            model = (WorkStepTimeModel(config.model_shape, config.tensor_parallel) if config.model_shape is not None
+                     else RooflineStepTimeModel())
+        self.model = model
+        self._uses_work = isinstance(model, WorkStepTimeModel)
         self.stopped_reason: str | None = None
         self._decisions = {reason.value: 0 for reason in BudgetReason}
         self._steps = 0
@@ -207,6 +232,19 @@ class Governor:
     def _keys_per_poc_token(self) -> float:
         return self.config.poc_attention_keys_per_token or 0.0
 
+    def _poc_work(self, tokens: int) -> StepWork:
+        """What ``tokens`` PoC prefill rows add to a step: their attention pairs (a whole nonce averages
+        ``(poc_seq_len + 1) / 2`` keys per row unless the config says otherwise), their own KV, no LM head."""
+        per = self.config.poc_attention_keys_per_token
+        if per is None:
+            per = (self.config.poc_seq_len + 1) / 2
+        return StepWork(tokens, tokens * per, 0, tokens)
+
+    @staticmethod
+    def _chat_work(load: StepLoad) -> StepWork:
+        lm = load.chat_decode_requests if load.chat_lm_rows is None else load.chat_lm_rows
+        return StepWork(load.chat_tokens, load.chat_attention_keys, lm, load.chat_kv_tokens_read)
+
     def stop(self, reason: str) -> None:
         """Stop PoC for good (e.g. after a crash in PoC handling); ``decide`` then returns 0."""
         self.stopped_reason = str(reason) or "stopped"
@@ -215,17 +253,25 @@ class Governor:
         """The PoC budget for the step described by ``load``. Pure: no state changes."""
         if not isinstance(load, StepLoad):
             raise ValueError(f"decide expects a StepLoad, got {type(load).__name__}")
-        cfg = self.config
-        use_keys = cfg.poc_attention_keys_per_token is not None
-        chat_keys = load.chat_attention_keys if use_keys else 0
-        chat_seconds = self.model.predict(load.chat_tokens, chat_keys) if load.chat_tokens else 0.0
+        cfg, model = self.config, self.model
+        if self._uses_work:
+            chat_work = self._chat_work(load)
+
+            def predict(poc_tokens: int) -> float:
+                return model.predict_work(chat_work.plus(self._poc_work(poc_tokens)))
+        else:
+            use_keys = cfg.poc_attention_keys_per_token is not None
+            chat_keys = load.chat_attention_keys if use_keys else 0
+
+            def predict(poc_tokens: int) -> float:
+                return model.predict(load.chat_tokens + poc_tokens, chat_keys + poc_tokens * self._keys_per_poc_token())
+        chat_seconds = predict(0) if load.chat_tokens else 0.0
 
         def budget(tokens: int, reason: BudgetReason) -> PoCBudget:
             new = 0
             if tokens > load.poc_tokens_pending:
                 new = math.ceil((tokens - load.poc_tokens_pending) / cfg.poc_seq_len)
-            total_keys = chat_keys + tokens * self._keys_per_poc_token()
-            step = self.model.predict(load.chat_tokens + tokens, total_keys) if load.chat_tokens + tokens else 0.0
+            step = predict(tokens) if load.chat_tokens + tokens else 0.0
             return PoCBudget(tokens=tokens, new_requests=new, reason=reason,
                              predicted_chat_step_seconds=chat_seconds, predicted_step_seconds=step,
                              preempt_kv_tokens=preempt)
@@ -253,24 +299,16 @@ class Governor:
         if cfg.mode == "fixed-share":
             limits.append((math.floor(cfg.fixed_share * cfg.max_batch_tokens), BudgetReason.FIXED_SHARE))
         elif load.chat_tokens == 0:
-            idle = cfg.max_batch_tokens if cfg.idle_max_tokens is None else cfg.idle_max_tokens
-            if cfg.idle_max_seconds == "auto":
-                # only when no token cap is set and the model has found a flat part (a CPU step has none: a
-                # one-token bound there would starve PoC); the mean fit: the flat part is learnt by filling it
-                if cfg.idle_max_tokens is None and getattr(self.model, "knee_tokens", 0.0) > 0:
-                    keys = self._keys_per_poc_token()
-                    bound = (1 + cfg.slo_overhead) * self.model.predict(1, keys)
-                    idle = min(idle, max(1, self.model.max_tokens_within(bound, keys, 0.0, cfg.max_batch_tokens)))
-            elif cfg.idle_max_seconds is not None:
-                idle = min(idle, max(1, self.model.max_tokens_within(
-                    cfg.idle_max_seconds, self._keys_per_poc_token(), cfg.confidence_z, cfg.max_batch_tokens)))
-            limits.append((idle, BudgetReason.IDLE_CAP))
+            limits.append((self._idle_limit(), BudgetReason.IDLE_CAP))
         else:
             allowance = cfg.slo_overhead * chat_seconds - load.poc_fixed_seconds  # left for the PoC rows
             if load.poc_fixed_seconds > 0 and allowance <= 0:
                 limits.append((load.probe_tokens, BudgetReason.FIXED_COST))
+            elif self._uses_work:
+                limits.append((model.max_added_within(chat_work, self._poc_work, allowance, cfg.confidence_z,
+                                                      limit=cfg.max_batch_tokens), BudgetReason.SLO))
             else:
-                slo_tokens = self.model.max_added_tokens(
+                slo_tokens = model.max_added_tokens(
                     load.chat_tokens, chat_keys, self._keys_per_poc_token(), allowance, cfg.confidence_z,
                     limit=cfg.max_batch_tokens)
                 limits.append((slo_tokens, BudgetReason.SLO))
@@ -278,27 +316,69 @@ class Governor:
         tokens, reason = min(limits, key=lambda item: item[0])  # first of equal limits wins
         return budget(max(0, tokens), reason)
 
-    def observe(self, total_tokens: int, poc_tokens: int, step_seconds: float, attention_keys: int = 0) -> None:
+    def _idle_limit(self) -> int:
+        """PoC rows of a step without chat (``idle_max_tokens``, ``idle_max_seconds``)."""
+        cfg, model = self.config, self.model
+        idle = cfg.max_batch_tokens if cfg.idle_max_tokens is None else cfg.idle_max_tokens
+        if cfg.idle_max_seconds == "auto":
+            # only when no token cap is set and the model has found a flat part (a CPU step has none: a
+            # one-token bound there would starve PoC); the mean fit: the flat part is learnt by filling it
+            if cfg.idle_max_tokens is not None:
+                return idle
+            if self._uses_work:
+                if model.memory_bound_at(self._poc_work(1)):
+                    bound = (1 + cfg.slo_overhead) * model.predict_work(self._poc_work(1))
+                    idle = min(idle, max(1, model.max_within(bound, self._poc_work, 0.0, cfg.max_batch_tokens)))
+            elif getattr(model, "knee_tokens", 0.0) > 0:
+                keys = self._keys_per_poc_token()
+                bound = (1 + cfg.slo_overhead) * model.predict(1, keys)
+                idle = min(idle, max(1, model.max_tokens_within(bound, keys, 0.0, cfg.max_batch_tokens)))
+        elif cfg.idle_max_seconds is not None:
+            if self._uses_work:
+                fitted = model.max_within(cfg.idle_max_seconds, self._poc_work, cfg.confidence_z, cfg.max_batch_tokens)
+            else:
+                fitted = model.max_tokens_within(cfg.idle_max_seconds, self._keys_per_poc_token(), cfg.confidence_z,
+                                                 cfg.max_batch_tokens)
+            idle = min(idle, max(1, fitted))
+        return idle
+
+    def observe(self, total_tokens: int, poc_tokens: int, step_seconds: float, attention_keys: int = 0,
+                kv_tokens_read: int = 0, lm_rows: int = 0) -> None:
         """Record a finished step: ``total_tokens`` rows (``poc_tokens`` of them PoC) took ``step_seconds``.
 
-        ``attention_keys`` (attention pairs of the whole step) is used only when the config's
-        ``poc_attention_keys_per_token`` is set.
+        ``attention_keys`` (attention pairs of the whole step) is used by :class:`WorkStepTimeModel`, and by
+        the rows models only when the config's ``poc_attention_keys_per_token`` is set; ``kv_tokens_read``
+        (KV entries the step read; 0: one per row) and ``lm_rows`` (rows through the LM head) by
+        :class:`WorkStepTimeModel` only.
         """
         _check_count("total_tokens", total_tokens)
         _check_count("poc_tokens", poc_tokens)
+        _check_count("attention_keys", attention_keys)
+        _check_count("kv_tokens_read", kv_tokens_read)
+        _check_count("lm_rows", lm_rows)
         _check_real("step_seconds", step_seconds, strictly=True)
         if poc_tokens > total_tokens:
             raise ValueError(f"poc_tokens ({poc_tokens}) > total_tokens ({total_tokens})")
-        keys = attention_keys if self.config.poc_attention_keys_per_token is not None else 0
-        self.model.observe(total_tokens, step_seconds, keys)
+        if lm_rows > total_tokens:
+            raise ValueError(f"lm_rows ({lm_rows}) > total_tokens ({total_tokens})")
+        if self._uses_work:
+            work = StepWork(total_tokens, attention_keys, lm_rows, kv_tokens_read or total_tokens)
+            self.model.observe_work(work, step_seconds)
+            poc = self._poc_work(poc_tokens)
+            base = StepWork(total_tokens - poc_tokens, max(0.0, attention_keys - poc.attention_pairs), lm_rows,
+                            max(0, work.kv_tokens_read - poc_tokens))
+            added = self.model.added_seconds_work(base, poc) if poc_tokens else 0.0
+        else:
+            keys = attention_keys if self.config.poc_attention_keys_per_token is not None else 0
+            self.model.observe(total_tokens, step_seconds, keys)
+            keys_per_token = self._keys_per_poc_token()
+            added = self.model.added_seconds(total_tokens - poc_tokens, keys - poc_tokens * keys_per_token, poc_tokens,
+                                             poc_tokens * keys_per_token)
         self._steps += 1
         self._chat_tokens += total_tokens - poc_tokens
         self._poc_tokens += poc_tokens
         self._seconds += step_seconds
-        keys_per_token = self._keys_per_poc_token()
-        self._poc_seconds_estimate += min(step_seconds, max(0.0, self.model.added_seconds(
-            total_tokens - poc_tokens, keys - poc_tokens * keys_per_token, poc_tokens,
-            poc_tokens * keys_per_token)))
+        self._poc_seconds_estimate += min(step_seconds, max(0.0, added))
 
     def record(self, budget: PoCBudget) -> None:
         """Count a decision the glue acted on (for :meth:`stats`)."""

@@ -39,6 +39,7 @@ from .workload import ChatArrival
 
 PATHS = ("hf", "vllm")
 POLICIES = ("fcfs", "priority")
+MODELS = ("work", "rows")
 
 
 @dataclass
@@ -109,6 +110,7 @@ class SimConfig:
     observe_interval: float = 0.02
     poll_seconds: float = 0.05
     max_in_flight: int = 64
+    model: str = "work"  # hf path: "work" (the glue reports bytes/FLOPs inputs and the model shape) | "rows"
     long_prefill_token_threshold: int = 0  # vLLM's cap on one request's chunk per step (0: none)
     jitter: float = 0.02
     spike_probability: float = 0.002
@@ -121,6 +123,8 @@ class SimConfig:
             raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
 
 
 class _Engine:
@@ -144,6 +148,8 @@ class _Engine:
         gcfg = dict(max_batch_tokens=preset.max_batch_tokens, kv_tokens_capacity=self.kv_capacity,
                     poc_seq_len=cfg.seq_len, slo_overhead=cfg.slo_overhead)
         if cfg.poc and cfg.path == "hf":
+            if cfg.model == "work":  # the glue knows the model's config and its tensor-parallel group
+                gcfg.update(model_shape=preset.curve.shape, tensor_parallel=preset.curve.tensor_parallel)
             self.governor = Governor(GovernorConfig(**gcfg, **cfg.governor_options))
         if cfg.poc and cfg.path == "vllm":
             # imported here: the vLLM client module pulls in torch, which `cpoc --help` must not
@@ -326,7 +332,8 @@ class _Engine:
                         self.running.remove(req)
             if self.governor is not None and start >= self.next_observe:
                 self.next_observe = start + cfg.observe_interval
-                self.governor.observe(work.tokens, poc_q, measured)
+                self.governor.observe(work.tokens, poc_q, measured, attention_keys=work.attention_pairs,
+                                      kv_tokens_read=work.kv_tokens_read, lm_rows=work.lm_rows)
             if cfg.path == "vllm":
                 since = measured if self.last_step_start is None else max(measured, start - self.last_step_start)
                 self.last_step_start = start
@@ -356,13 +363,15 @@ class _Engine:
         def load(chat_sched) -> StepLoad:
             chat_q = sum(n for _, n in chat_sched)
             decode = sum(1 for r, _ in chat_sched if not r.prefilling)
+            work = self._work(chat_sched, True)[0]
             head = self.waiting[0].need() + 1 if self.waiting else 0
             return StepLoad(chat_tokens=chat_q, kv_tokens_free=max(0, self.kv_capacity - self.kv_used),
                             chat_decode_requests=decode, chat_prefill_tokens=chat_q - decode,
                             waiting_chat_requests=len(self.waiting),
                             poc_tokens_pending=sum(r.target - r.computed for r in self.poc_running),
                             poc_kv_tokens_held=sum(r.computed for r in self.poc_running),
-                            waiting_chat_kv_tokens=head)
+                            waiting_chat_kv_tokens=head, chat_attention_keys=work.attention_pairs,
+                            chat_kv_tokens_read=work.kv_tokens_read, chat_lm_rows=work.lm_rows)
 
         if self.waiting and self.poc_running:  # chat short of room while PoC holds KV: the glue preempts PoC
             want = gov.decide(load(chat)).preempt_kv_tokens

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 from cpoc_kernels import cost
 from cpoc_kernels.cost import ModelShape
+from cpoc_kernels.step_work import BYTES_PER_PARAM, StepCounter, StepWork, kv_bytes_per_token
 
-BYTES_PER_PARAM = 2  # bf16
+__all__ = ["CARDS", "PRESETS", "QWEN3_8B", "Card", "EnginePreset", "StepCurve", "StepWork"]
 
 
 @dataclass(frozen=True)
@@ -48,38 +49,6 @@ QWEN3_8B = ModelShape(hidden=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_d
 """Qwen/Qwen3-8B config.json (dense, untied embeddings)."""
 
 
-def parameter_counts(shape: ModelShape) -> dict[str, int]:
-    """Parameters by kind: ``attention`` (all layers), ``dense_mlp``, ``router``, ``expert`` (one expert of
-    one layer), ``shared_expert`` (all layers), ``lm_head``."""
-    attention = shape.n_layers * shape.hidden * shape.head_dim * (2 * shape.n_heads + 2 * shape.n_kv_heads)
-    return {
-        "attention": attention,
-        "dense_mlp": shape.dense_layer_count * 3 * shape.hidden * shape.intermediate,
-        "router": shape.moe_layer_count * shape.hidden * shape.n_experts,
-        "expert": 3 * shape.hidden * shape.moe_intermediate,
-        "shared_expert": shape.moe_layer_count * 3 * shape.hidden * shape.shared_expert_intermediate,
-        "lm_head": shape.vocab * shape.hidden,
-    }
-
-
-def kv_bytes_per_token(shape: ModelShape, tensor_parallel: int = 1) -> int:
-    """KV-cache bytes one token takes on one card (KV heads split across the group, at least one each)."""
-    heads = max(1, math.ceil(shape.n_kv_heads / tensor_parallel))
-    return 2 * shape.n_layers * heads * shape.head_dim * BYTES_PER_PARAM
-
-
-@dataclass(frozen=True)
-class StepWork:
-    """What one forward step computes: ``tokens`` rows, ``attention_pairs`` causal (query, key) pairs,
-    ``lm_rows`` rows through the LM head, ``kv_tokens_read`` KV entries read (each scheduled request's
-    context once)."""
-
-    tokens: int
-    attention_pairs: int
-    lm_rows: int
-    kv_tokens_read: int
-
-
 @dataclass(frozen=True)
 class StepCurve:
     """True step time (s) of an engine for a :class:`StepWork` (see the module docstring)."""
@@ -93,45 +62,25 @@ class StepCurve:
     knee_sharpness: float = 3.0
     allreduce_latency_seconds: float = 8e-6
     kv_reads: bool = True  # False: the memory side is the weights only (a curve of the step's rows alone)
-    _params: dict = field(default=None, init=False, repr=False, compare=False)
+    counter: StepCounter = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_params", parameter_counts(self.shape))
+        object.__setattr__(self, "counter", StepCounter(self.shape, self.tensor_parallel))
 
     @property
     def weight_bytes(self) -> float:
         """All weights, bytes, whole group."""
-        p = self._params
-        experts = self.shape.moe_layer_count * self.shape.n_experts * p["expert"]
-        return BYTES_PER_PARAM * (p["attention"] + p["dense_mlp"] + p["router"] + p["shared_expert"] + experts
-                                  + 2 * p["lm_head"])
-
-    def weight_bytes_read(self, tokens: int, lm_rows: int) -> float:
-        """Weight bytes a step of ``tokens`` rows reads (whole group): every dense weight, the experts its
-        tokens touch (uniform routing: E·(1 − (1 − k/E)^tokens) per MoE layer), the LM head if used."""
-        p, s = self._params, self.shape
-        dense = p["attention"] + p["dense_mlp"] + p["router"] + p["shared_expert"]
-        if s.n_experts and tokens:
-            touched = s.n_experts * (1.0 - (1.0 - s.experts_per_token / s.n_experts) ** tokens)
-            dense += s.moe_layer_count * touched * p["expert"]
-        if lm_rows:
-            dense += p["lm_head"]
-        return BYTES_PER_PARAM * dense
-
-    def flops(self, work: StepWork) -> float:
-        s = self.shape
-        return (work.tokens * cost.linear_flops_per_token(s)
-                + s.n_layers * 4 * s.n_heads * s.head_dim * work.attention_pairs
-                + work.lm_rows * cost.lm_head_flops_per_token(s))
+        return self.counter.weight_bytes
 
     def seconds(self, work: StepWork) -> float:
         if work.tokens <= 0:
             return 0.0
         tp, card = self.tensor_parallel, self.card
-        memory = ((self.weight_bytes_read(work.tokens, work.lm_rows) / tp
-                   + self.kv_reads * work.kv_tokens_read * kv_bytes_per_token(self.shape, tp))
-                  / (card.hbm_bytes_per_second * self.bw_efficiency))
-        compute = self.flops(work) / tp / (card.bf16_flops * self.mfu)
+        read = self.counter.weight_bytes_read(work.tokens, work.lm_rows)
+        if self.kv_reads:
+            read += self.counter.kv_bytes_read(work.kv_tokens_read)
+        memory = read / tp / (card.hbm_bytes_per_second * self.bw_efficiency)
+        compute = self.counter.flops(work) / tp / (card.bf16_flops * self.mfu)
         p = self.knee_sharpness
         body = (memory ** p + compute ** p) ** (1.0 / p)
         comm = 0.0
