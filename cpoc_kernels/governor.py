@@ -156,7 +156,11 @@ class StepLoad:
     by the rows models when the config's ``poc_attention_keys_per_token`` is set).
     ``chat_kv_tokens_read``: KV entries the chat rows read (Σ over the scheduled chat requests of their
     context after this step); ``chat_lm_rows``: chat rows through the LM head (None: one per decode
-    request) — both used by :class:`WorkStepTimeModel` only. ``poc_fixed_seconds``: the time a step pays for carrying any
+    request) — both used by :class:`WorkStepTimeModel` only. ``poc_pending_computed``: tokens already
+    computed of each admitted nonce that has rows left, in the order the glue continues them (PoC rows of
+    a step continue these nonces, then start new ones): with it, :class:`WorkStepTimeModel` counts the
+    exact attention pairs and KV reads of the PoC rows (a nonce's late rows attend more keys); empty:
+    nonces are assumed to start at 0. ``poc_fixed_seconds``: the time a step pays for carrying any
     PoC rows at all, whatever their number (``fill`` mode charges it to the SLO allowance first);
     ``probe_tokens``: PoC rows allowed even when that fixed time alone exceeds the allowance (0: none).
     """
@@ -174,12 +178,16 @@ class StepLoad:
     probe_tokens: int = 0
     chat_kv_tokens_read: int = 0
     chat_lm_rows: int | None = None
+    poc_pending_computed: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("chat_tokens", "kv_tokens_free", "chat_decode_requests", "chat_prefill_tokens",
                      "waiting_chat_requests", "poc_tokens_pending", "poc_kv_tokens_held",
                      "waiting_chat_kv_tokens", "chat_attention_keys", "probe_tokens", "chat_kv_tokens_read"):
             _check_count(name, getattr(self, name))
+        object.__setattr__(self, "poc_pending_computed", tuple(self.poc_pending_computed))
+        for computed in self.poc_pending_computed:
+            _check_count("poc_pending_computed[i]", computed)
         if self.chat_lm_rows is not None:
             _check_count("chat_lm_rows", self.chat_lm_rows)
             if self.chat_lm_rows > self.chat_tokens:
@@ -232,13 +240,28 @@ class Governor:
     def _keys_per_poc_token(self) -> float:
         return self.config.poc_attention_keys_per_token or 0.0
 
-    def _poc_work(self, tokens: int) -> StepWork:
-        """What ``tokens`` PoC prefill rows add to a step: their attention pairs (a whole nonce averages
-        ``(poc_seq_len + 1) / 2`` keys per row unless the config says otherwise), their own KV, no LM head."""
+    def _poc_work(self, tokens: int, pending_computed: tuple[int, ...] = ()) -> StepWork:
+        """What ``tokens`` PoC prefill rows add to a step (no LM head): they continue the pending nonces
+        (``pending_computed`` tokens done each), then start new ones; attention pairs and KV reads exact
+        (Σ over the chunks: causal pairs, context after the chunk) — or, when the config sets
+        ``poc_attention_keys_per_token``, that many keys per row and one KV entry per row."""
         per = self.config.poc_attention_keys_per_token
-        if per is None:
-            per = (self.config.poc_seq_len + 1) / 2
-        return StepWork(tokens, tokens * per, 0, tokens)
+        if per is not None:
+            return StepWork(tokens, tokens * per, 0, tokens)
+        seq = self.config.poc_seq_len
+        pairs = kv = 0
+        left = tokens
+        for done in pending_computed:
+            if left <= 0:
+                break
+            n = min(max(0, seq - done), left)
+            pairs += n * done + n * (n + 1) // 2
+            kv += done + n
+            left -= n
+        whole, rest = divmod(left, seq)
+        pairs += whole * (seq * (seq + 1) // 2) + rest * (rest + 1) // 2
+        kv += left
+        return StepWork(tokens, pairs, 0, kv)
 
     @staticmethod
     def _chat_work(load: StepLoad) -> StepWork:
@@ -257,8 +280,11 @@ class Governor:
         if self._uses_work:
             chat_work = self._chat_work(load)
 
+            def poc_work(poc_tokens: int) -> StepWork:
+                return self._poc_work(poc_tokens, load.poc_pending_computed)
+
             def predict(poc_tokens: int) -> float:
-                return model.predict_work(chat_work.plus(self._poc_work(poc_tokens)))
+                return model.predict_work(chat_work.plus(poc_work(poc_tokens)))
         else:
             use_keys = cfg.poc_attention_keys_per_token is not None
             chat_keys = load.chat_attention_keys if use_keys else 0
@@ -299,13 +325,13 @@ class Governor:
         if cfg.mode == "fixed-share":
             limits.append((math.floor(cfg.fixed_share * cfg.max_batch_tokens), BudgetReason.FIXED_SHARE))
         elif load.chat_tokens == 0:
-            limits.append((self._idle_limit(), BudgetReason.IDLE_CAP))
+            limits.append((self._idle_limit(load), BudgetReason.IDLE_CAP))
         else:
             allowance = cfg.slo_overhead * chat_seconds - load.poc_fixed_seconds  # left for the PoC rows
             if load.poc_fixed_seconds > 0 and allowance <= 0:
                 limits.append((load.probe_tokens, BudgetReason.FIXED_COST))
             elif self._uses_work:
-                limits.append((model.max_added_within(chat_work, self._poc_work, allowance, cfg.confidence_z,
+                limits.append((model.max_added_within(chat_work, poc_work, allowance, cfg.confidence_z,
                                                       limit=cfg.max_batch_tokens), BudgetReason.SLO))
             else:
                 slo_tokens = model.max_added_tokens(
@@ -316,9 +342,13 @@ class Governor:
         tokens, reason = min(limits, key=lambda item: item[0])  # first of equal limits wins
         return budget(max(0, tokens), reason)
 
-    def _idle_limit(self) -> int:
+    def _idle_limit(self, load: StepLoad) -> int:
         """PoC rows of a step without chat (``idle_max_tokens``, ``idle_max_seconds``)."""
         cfg, model = self.config, self.model
+
+        def poc_work(tokens: int) -> StepWork:
+            return self._poc_work(tokens, load.poc_pending_computed)
+
         idle = cfg.max_batch_tokens if cfg.idle_max_tokens is None else cfg.idle_max_tokens
         if cfg.idle_max_seconds == "auto":
             # only when no token cap is set and the model has found a flat part (a CPU step has none: a
@@ -327,15 +357,17 @@ class Governor:
                 return idle
             if self._uses_work:
                 if model.memory_bound_at(self._poc_work(1)):
-                    bound = (1 + cfg.slo_overhead) * model.predict_work(self._poc_work(1))
-                    idle = min(idle, max(1, model.max_within(bound, self._poc_work, 0.0, cfg.max_batch_tokens)))
+                    # relative to the smallest step that continues PoC at all (one row of the next nonce,
+                    # which reads that nonce's cached prefix): a long prefix must not shrink idle steps to a row
+                    bound = (1 + cfg.slo_overhead) * model.predict_work(poc_work(1))
+                    idle = min(idle, max(1, model.max_within(bound, poc_work, 0.0, cfg.max_batch_tokens)))
             elif getattr(model, "knee_tokens", 0.0) > 0:
                 keys = self._keys_per_poc_token()
                 bound = (1 + cfg.slo_overhead) * model.predict(1, keys)
                 idle = min(idle, max(1, model.max_tokens_within(bound, keys, 0.0, cfg.max_batch_tokens)))
         elif cfg.idle_max_seconds is not None:
             if self._uses_work:
-                fitted = model.max_within(cfg.idle_max_seconds, self._poc_work, cfg.confidence_z, cfg.max_batch_tokens)
+                fitted = model.max_within(cfg.idle_max_seconds, poc_work, cfg.confidence_z, cfg.max_batch_tokens)
             else:
                 fitted = model.max_tokens_within(cfg.idle_max_seconds, self._keys_per_poc_token(), cfg.confidence_z,
                                                  cfg.max_batch_tokens)

@@ -20,7 +20,7 @@ import numpy as np
 
 from cpoc_kernels import cost
 
-from .engine import PATHS, POLICIES, SimConfig, simulate
+from .engine import MODELS, PATHS, POLICIES, SimConfig, simulate
 from .hardware import PRESETS, EnginePreset
 from .workload import ARRIVALS, ChatArrival, chat_trace
 
@@ -67,6 +67,7 @@ def run_load(preset: EnginePreset, path: str, load: float, capacity: float, n_re
     row["preemptions_chat_off"], row["preemptions_chat_on"] = off.preemptions_chat, on.preemptions_chat
     row["preemptions_poc"] = on.preemptions_poc
     model = (on.governor_stats or {}).get("model", {})
+    row["model"] = model.get("kind", "")
     row["model_knee_tokens"] = model.get("knee_tokens", float("nan"))
     row["model_flat_ms"] = 1e3 * model.get("flat_seconds", float("nan"))
     return row
@@ -165,24 +166,27 @@ def cmd_bench_sim(args) -> int:
         if importlib.util.find_spec("matplotlib") is None:  # checked before the sweep
             raise ValueError("plots need matplotlib (pip install 'cpoc-kernels[plot]'), or pass --no-plot")
     options = {"long_prefill_token_threshold": args.long_prefill_token_threshold}
+    models = _choices(args.models, MODELS, "models")
+    runs = [(path, model) for path in paths for model in (models if path == "hf" else ["work"])]
     for name in presets:
         preset = PRESETS[name]
         capacity = chat_capacity(preset, args.seed)
         print(f"== {name}: {preset.name}; chat capacity {capacity:.2f} req/s, KV {preset.kv_tokens} tokens, "
               f"{args.arrivals} arrivals, {args.requests} requests per load")
-        for path in paths:
+        for path, model in runs:
+            label = path if model == "work" else f"{path}-{model}"
             rows = []
             for load in loads:
                 t0 = time.perf_counter()
                 row = run_load(preset, path, load, capacity, args.requests, args.seed, args.arrivals, args.policy,
-                               **options)
+                               model=model, **options)
                 rows.append(row)
-                print(f"  {path:4s} load {load:.2f}: fill {row['fill']:.3f}  TPOT p50 {100 * row['tpot_p50_change']:+.1f} % "
+                print(f"  {label:9s} load {load:.2f}: fill {row['fill']:.3f}  TPOT p50 {100 * row['tpot_p50_change']:+.1f} % "
                       f"p99 {100 * row['tpot_p99_change']:+.1f} %  TTFT p99 {100 * row['ttft_p99_change']:+.1f} %  "
                       f"{row['nonces_per_s']:.1f} nonces/s  ({time.perf_counter() - t0:.1f} s)")
-            write_csv(rows, args.out_dir / f"{name}_{path}.csv")
+            write_csv(rows, args.out_dir / f"{name}_{label}.csv")
             if not args.no_plot:
-                plot(rows, args.out_dir / f"{name}_{path}.png", f"{preset.name}, path {path} ({args.policy}, {args.arrivals})")
+                plot(rows, args.out_dir / f"{name}_{label}.png", f"{preset.name}, path {label} ({args.policy}, {args.arrivals})")
         if args.exchange:
             ex = []
             for path in paths:
@@ -210,6 +214,9 @@ def register(subparsers, commands: dict | None = None):
                                                                       "under priority)")
     p.add_argument("--long-prefill-token-threshold", type=int, default=0,
                    help="vLLM's per-request chunk cap (0: off, vLLM's default)")
+    p.add_argument("--models", default="work", help="step-time model of path hf: work (bytes/FLOPs roofline, "
+                   "learnt), rows (row-count roofline), oracle (the true curve: the bound of a perfect model); "
+                   "comma list or all (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exchange", action="store_true", help="also measure the exchange rate (fixed lengths)")
     p.add_argument("--no-plot", action="store_true", help="CSV only")

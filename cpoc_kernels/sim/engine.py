@@ -33,13 +33,14 @@ import numpy as np
 
 from cpoc_kernels.cost import DEFAULT_SEQ_LEN, attention_key_pairs
 from cpoc_kernels.governor import Governor, GovernorConfig, StepLoad
+from cpoc_kernels.step_model import WorkStepTimeModel
 
 from .hardware import EnginePreset, StepWork
 from .workload import ChatArrival
 
 PATHS = ("hf", "vllm")
 POLICIES = ("fcfs", "priority")
-MODELS = ("work", "rows")
+MODELS = ("work", "rows", "oracle")
 
 
 @dataclass
@@ -111,6 +112,7 @@ class SimConfig:
     poll_seconds: float = 0.05
     max_in_flight: int = 64
     model: str = "work"  # hf path: "work" (the glue reports bytes/FLOPs inputs and the model shape) | "rows"
+    # | "oracle" (the true curve, for the bound a perfect model reaches)
     long_prefill_token_threshold: int = 0  # vLLM's cap on one request's chunk per step (0: none)
     jitter: float = 0.02
     spike_probability: float = 0.002
@@ -150,7 +152,10 @@ class _Engine:
         if cfg.poc and cfg.path == "hf":
             if cfg.model == "work":  # the glue knows the model's config and its tensor-parallel group
                 gcfg.update(model_shape=preset.curve.shape, tensor_parallel=preset.curve.tensor_parallel)
-            self.governor = Governor(GovernorConfig(**gcfg, **cfg.governor_options))
+            oracle = OracleStepTimeModel(preset.curve) if cfg.model == "oracle" else None
+            if oracle is not None:
+                gcfg.update(model_shape=preset.curve.shape, tensor_parallel=preset.curve.tensor_parallel)
+            self.governor = Governor(GovernorConfig(**gcfg, **cfg.governor_options), oracle)
         if cfg.poc and cfg.path == "vllm":
             # imported here: the vLLM client module pulls in torch, which `cpoc --help` must not
             from cpoc_kernels.integrations.vllm.client import PoCAdmission
@@ -371,7 +376,8 @@ class _Engine:
                             poc_tokens_pending=sum(r.target - r.computed for r in self.poc_running),
                             poc_kv_tokens_held=sum(r.computed for r in self.poc_running),
                             waiting_chat_kv_tokens=head, chat_attention_keys=work.attention_pairs,
-                            chat_kv_tokens_read=work.kv_tokens_read, chat_lm_rows=work.lm_rows)
+                            chat_kv_tokens_read=work.kv_tokens_read, chat_lm_rows=work.lm_rows,
+                            poc_pending_computed=tuple(r.computed for r in self.poc_running if r.prefilling))
 
         if self.waiting and self.poc_running:  # chat short of room while PoC holds KV: the glue preempts PoC
             want = gov.decide(load(chat)).preempt_kv_tokens
@@ -441,3 +447,31 @@ def _largest(fits, limit: int) -> int:
 def simulate(preset: EnginePreset, trace: list[ChatArrival], config: SimConfig | None = None) -> RunResult:
     """Run ``trace`` on ``preset`` (see the module docstring); returns chat latencies, steps and PoC output."""
     return _Engine(preset, trace, config or SimConfig()).run()
+
+
+class OracleStepTimeModel(WorkStepTimeModel):
+    """The simulator's *true* step-time curve behind the governor's model interface (no noise, no
+    learning): what a perfect model would let the governor do — the bound the learnt model is measured
+    against. Uncertainty 0, so ``confidence_z`` has no effect."""
+
+    def __init__(self, curve):
+        super().__init__(curve.shape, curve.tensor_parallel)
+        self._true = curve
+
+    def observe_work(self, work: StepWork, step_seconds: float) -> None:
+        self.n_observations += 1
+
+    def predict_work(self, work: StepWork) -> float:
+        return self._true.seconds(work)
+
+    def predict_work_upper(self, work: StepWork, z: float) -> float:
+        return self._true.seconds(work)
+
+    def added_seconds_work(self, base: StepWork, added: StepWork, z: float = 0.0) -> float:
+        return self._true.seconds(base.plus(added)) - self._true.seconds(base)
+
+    def memory_bound_at(self, work: StepWork) -> bool:
+        return True
+
+    def summary(self) -> dict:
+        return {"kind": "oracle", "observations": self.n_observations}

@@ -51,8 +51,9 @@ class WorkStepTimeModel:
 
     P_GRID = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 10.0)
     _PRIOR_NOISE_WEIGHT = 10.0
-    _RERANK_EVERY = 32
-    _GN_ITERATIONS_RERANK = 4
+    _REFIT_EVERY = 4  # one Gauss-Newton iteration on the chosen p every this many steps
+    _RERANK_EVERY = 64  # every p refitted and ranked
+    _GN_ITERATIONS_RERANK = 3
 
     def __init__(self, shape: ModelShape, tensor_parallel: int = 1, *, prior_flop_rate: float | None = None,
                  prior_bandwidth: float | None = None, prior_overhead_seconds: float = 5e-4,
@@ -82,8 +83,10 @@ class WorkStepTimeModel:
         self._change_run = change_run
         self._warmup = warmup
         self._window = window
-        self._x = np.zeros((0, 3))  # per kept step: (GB read, TFLOP, thousands of rows)
-        self._y = np.zeros(0)  # ms
+        self._rows: list[tuple[float, float, float]] = []  # per kept step: (GB read, TFLOP, thousands of rows)
+        self._times: list[float] = []  # ms
+        self._x = np.zeros((0, 3))
+        self._y = np.zeros(0)
         self._thetas = {p: self._prior_mean.copy() for p in self.P_GRID}
         self._p = 3.0
         self._theta = self._prior_mean.copy()
@@ -95,9 +98,24 @@ class WorkStepTimeModel:
         self.n_outliers = 0
 
     # ------------------------------------------------------------------------------------------ features
-    def _features(self, work: StepWork) -> np.ndarray:
-        return np.array([self.counter.bytes_read(work) / _GB, self.counter.flops(work) / _TFLOP,
-                         work.tokens / _KROWS])
+    def _features(self, work: StepWork) -> tuple[float, float, float]:
+        return (self.counter.bytes_read(work) / _GB, self.counter.flops(work) / _TFLOP, work.tokens / _KROWS)
+
+    def _point(self, x: tuple[float, float, float]) -> tuple[float, tuple[float, float, float, float]]:
+        """Predicted ms of one feature row and its gradient in θ (scalar twin of :meth:`_curve`)."""
+        theta, p = self._theta, self._p
+        if x[2] <= 0:
+            return 0.0, (0.0, 0.0, 0.0, 0.0)
+        mem, comp = math.exp(theta[2]) * x[0], math.exp(theta[3]) * x[1]
+        top = max(mem, comp, 1e-300)
+        rm, rc = mem / top, comp / top
+        norm = max((rm ** p + rc ** p) ** (1.0 / p), 1e-300)
+        pred = float(theta[0] + theta[1] * x[2] + top * norm)
+        return pred, (1.0, x[2], mem * (rm / norm) ** (p - 1.0), comp * (rc / norm) ** (p - 1.0))
+
+    def _std(self, grad) -> float:
+        g = np.asarray(grad)
+        return math.sqrt(max(float(g @ self._cov @ g), 0.0))
 
     @staticmethod
     def _curve(theta: np.ndarray, x: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +124,7 @@ class WorkStepTimeModel:
         mem, comp = beta * x[:, 0], phi * x[:, 1]
         top = np.maximum(np.maximum(mem, comp), 1e-300)
         rm, rc = mem / top, comp / top
-        norm = (rm ** p + rc ** p) ** (1.0 / p)
+        norm = np.maximum((rm ** p + rc ** p) ** (1.0 / p), 1e-300)
         roof = top * norm
         # ∂roof/∂mem = (mem/roof)^(p-1); with respect to log β: mem · that
         dm = (rm / norm) ** (p - 1.0)
@@ -153,9 +171,11 @@ class WorkStepTimeModel:
         return theta, objective, normal
 
     def _refit(self, rerank: bool) -> None:
-        n = len(self._y)
+        n = len(self._times)
         if n == 0:
             return
+        self._x = np.array(self._rows)
+        self._y = np.array(self._times)
         if rerank:
             results = {p: self._gauss_newton(self._thetas[p], p, self._GN_ITERATIONS_RERANK) for p in self.P_GRID}
             for p, (theta, _, _) in results.items():
@@ -181,7 +201,7 @@ class WorkStepTimeModel:
 
     # ------------------------------------------------------------------------------------------ learning
     def observe_work(self, work: StepWork, step_seconds: float) -> None:
-        """Add one measured step (``work`` took ``step_seconds`` s) and refit."""
+        """Add one measured step (``work`` took ``step_seconds`` s); refits every few steps."""
         if not isinstance(work, StepWork):
             raise ValueError(f"work must be a StepWork, got {type(work).__name__}")
         _check_real("step_seconds", step_seconds, strictly=True)
@@ -190,7 +210,7 @@ class WorkStepTimeModel:
         x = self._features(work)
         y = float(step_seconds) * _MS
         if self.n_observations >= self._warmup:
-            predicted = self._predict_ms(x)
+            predicted = self._point(x)[0]
             relative = (y - predicted) / predicted
             if abs(relative) > self._change_sigmas * self._noise:
                 sign = 1 if relative > 0 else -1
@@ -198,18 +218,23 @@ class WorkStepTimeModel:
                 self._run_sign = sign
             else:
                 self._run, self._run_sign = 0, 0
-        self._x = np.vstack([self._x[-(self._window - 1):], x[None]])
-        self._y = np.append(self._y[-(self._window - 1):], y)
+        self._rows.append(x)
+        self._times.append(y)
+        if len(self._times) > self._window:
+            del self._rows[0], self._times[0]
         self.n_observations += 1
         if self._run >= self._change_run:  # the engine changed: keep only the steps that say so
-            self._x, self._y = self._x[-self._change_run:], self._y[-self._change_run:]
+            del self._rows[:-self._change_run], self._times[:-self._change_run]
             self._run, self._run_sign = 0, 0
             self.n_changes += 1
             self._noise = self._prior_noise
-            self._thetas = {p: theta.copy() for p, theta in self._thetas.items()}
             self._refit(rerank=True)
             return
-        self._refit(rerank=self.n_observations <= self._warmup or self.n_observations % self._RERANK_EVERY == 0)
+        n = self.n_observations
+        if n <= self._warmup or n % self._RERANK_EVERY == 0:
+            self._refit(rerank=True)
+        elif n % self._REFIT_EVERY == 0:
+            self._refit(rerank=False)
 
     def observe(self, tokens: int, step_seconds: float, attention_keys: int = 0, kv_tokens_read: int | None = None,
                 lm_rows: int = 0) -> None:
@@ -220,12 +245,9 @@ class WorkStepTimeModel:
                                    else kv_tokens_read), step_seconds)
 
     # ------------------------------------------------------------------------------------------ queries
-    def _predict_ms(self, x: np.ndarray) -> float:
-        return float(self._curve(self._theta, x[None], self._p)[0][0])
-
     def predict_work(self, work: StepWork) -> float:
         """Predicted step time (s) of ``work`` (0 for an empty step)."""
-        return self._predict_ms(self._features(work)) / _MS
+        return self._point(self._features(work))[0] / _MS
 
     def predict(self, tokens: float, attention_keys: float = 0.0) -> float:
         """Rows-only interface: predicted time (s) of ``tokens`` prefill rows, no LM head."""
@@ -233,12 +255,12 @@ class WorkStepTimeModel:
 
     def added_seconds_work(self, base: StepWork, added: StepWork, z: float = 0.0) -> float:
         """Predicted extra time (s) of ``added`` joining ``base``: mean + z·std of the fit (delta method)."""
-        xa, xb = self._features(base.plus(added)), self._features(base)
-        pa, ja = self._curve(self._theta, xa[None], self._p)
-        pb, jb = self._curve(self._theta, xb[None], self._p)
-        grad = ja[0] - jb[0]
-        std = math.sqrt(max(float(grad @ self._cov @ grad), 0.0))
-        return (float(pa[0] - pb[0]) + z * std) / _MS
+        pa, ga = self._point(self._features(base.plus(added)))
+        pb, gb = self._point(self._features(base))
+        extra = pa - pb
+        if z:
+            extra += z * self._std([a - b for a, b in zip(ga, gb)])
+        return extra / _MS
 
     def max_added_within(self, base: StepWork, added_for, extra_seconds: float, z: float, limit: int) -> int:
         """Largest ``x`` in ``0..limit`` whose ``added_for(x)`` (a :class:`StepWork` growing with x) adds at
@@ -247,9 +269,8 @@ class WorkStepTimeModel:
 
     def predict_work_upper(self, work: StepWork, z: float) -> float:
         """Predicted step time (s) of ``work``: mean + z·std of the fit."""
-        pred, jac = self._curve(self._theta, self._features(work)[None], self._p)
-        std = math.sqrt(max(float(jac[0] @ self._cov @ jac[0]), 0.0))
-        return (float(pred[0]) + z * std) / _MS
+        pred, grad = self._point(self._features(work))
+        return (pred + (z * self._std(grad) if z else 0.0)) / _MS
 
     def max_within(self, seconds: float, work_for, z: float, limit: int) -> int:
         """Largest ``x`` in ``0..limit`` whose step ``work_for(x)`` is predicted (mean + z·std) ≤ ``seconds``."""
