@@ -16,7 +16,7 @@ PRIVATE_API = {"manager", "batch_processor", "output_router", "_create_batch_pro
                "active_requests", "waiting_requests_order", "max_requests_per_batch", "starved_requests",
                "set_request_cancellation", "clear_cancelled_requests", "add_waiting_request", "max_tokens_read",
                "compute_free_capacity", "_wake_up_loop", "query_length", "generated_len", "has_new_token",
-               "remaining_prefill_tokens", "schedule_batch", "has_pending_requests"}
+               "remaining_prefill_tokens", "schedule_batch", "has_pending_requests", "position_offset"}
 
 
 def test_every_module_is_small_and_says_what_it_owns():

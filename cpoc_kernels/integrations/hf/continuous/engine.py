@@ -196,6 +196,13 @@ class CBInternals:
         return future_state.query_length == 1 and future_state.state.generated_len() > 0
 
     @staticmethod
+    def query_span(future_state) -> tuple[int, int]:
+        """(context position of the first row, rows) a scheduled request computes this step: its tokens already in
+        the KV cache, and its query length. Read between scheduling and the batch's preparation (which advances the
+        request's ``position_offset`` by the query length)."""
+        return int(future_state.state.position_offset), int(future_state.query_length)
+
+    @staticmethod
     def remaining_prefill(request_state) -> int:
         return len(getattr(request_state, "remaining_prefill_tokens", ()))
 

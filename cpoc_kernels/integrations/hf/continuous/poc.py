@@ -43,7 +43,10 @@ class ContinuousPoC:
 
     Governor: ``mode`` ``"fill"`` (default; PoC fills the step as long as predicted chat step time grows
     by at most ``slo_overhead``), ``"fixed-share"`` or ``"off"``; ``governor_options`` are further
-    :class:`GovernorConfig` fields; ``step_time_model`` an optional prior :class:`StepTimeModel`.
+    :class:`GovernorConfig` fields; ``step_time_model`` an optional prior :class:`StepTimeModel`. On a CUDA
+    device (and without ``step_time_model``) the governor predicts step times from each step's bytes and FLOPs
+    (:class:`~cpoc_kernels.step_model.WorkStepTimeModel` over ``ModelShape.from_hf_config(model.config)``, unless
+    ``governor_options`` set ``model_shape``); on CPU, or when the config gives no shape, from its rows.
     """
 
     SMALL_POC_ROWS = scheduling.SMALL_POC_ROWS  # read at construction: set on the class before attaching
@@ -74,7 +77,8 @@ class ContinuousPoC:
         self._scheduler = PoCScheduler(sh, self._hooks, self._patches, mode=mode, slo_overhead=slo_overhead,
                                        governor_options=self.governor_options, step_time_model=step_time_model,
                                        observe_interval=observe_interval, small_poc_rows=self.SMALL_POC_ROWS,
-                                       probe_every=self.PROBE_EVERY)
+                                       probe_every=self.PROBE_EVERY,
+                                       model_shape=self._model_shape() if self.device.type == "cuda" else None)
         cb.wrap_manager(self._patches, self._scheduler.wrap, OutputFilter(sh))
 
     # ------------------------------------------------------------------ lifecycle

@@ -3,7 +3,9 @@
 Owns: the wrappers of the engine scheduler's ``schedule_batch`` / ``has_pending_requests``, the governor instance's
 construction and its per-step dialogue (:class:`~cpoc_kernels.governor.StepLoad` → budget), admitting prepared
 nonces as engine requests, preempting in-flight PoC nonces when chat is short of KV, and the step clock (closing a
-step: counters, the fixed-cost estimate, subsampled ``observe`` jobs for the governor's step-time fit).
+step: counters, the fixed-cost estimate, subsampled ``observe`` jobs for the governor's step-time fit), and the
+work figures of a step the governor's step-time model reads (attention pairs, KV entries read, LM-head rows of the
+scheduled requests: :func:`step_work_figures`).
 
 A step is scheduled as: chat with the whole token budget as if PoC did not exist; if chat is short of KV while PoC
 holds some, the governor may ask for preemption (PoC nonces are dropped and re-queued, the engine never offloads
@@ -20,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from cpoc_kernels.cost import ModelShape, attention_key_pairs
 from cpoc_kernels.governor import BudgetReason, Governor, GovernorConfig, StepLoad, StepTimeModel
 
 from .engine import Patches
@@ -39,13 +42,30 @@ def _merge(a, b):
     return list(a[0]) + list(b[0]), a[1] and b[1], a[2] + b[2], a[3] + b[3]
 
 
+def step_work_figures(cb, batch, is_poc: Callable[[str], bool]) -> tuple[int, int, int]:
+    """(attention pairs, KV entries read, LM-head rows) of the scheduled requests ``batch`` (future states, before
+    the batch is prepared): a request computing ``n`` rows from context position ``s`` attends over
+    ``attention_key_pairs(n, s)`` causal pairs and reads ``s + n`` KV entries; a chat request goes through the LM
+    head once when it samples a token (decode, or a chunk that finishes its prompt), a PoC request never."""
+    keys = kv = lm = 0
+    for fs in batch:
+        start, n = cb.query_span(fs)
+        keys += attention_key_pairs(n, start)
+        kv += start + n
+        if cb.has_new_token(fs) and not is_poc(cb.request_id(fs)):
+            lm += 1
+    return keys, kv, lm
+
+
 class PoCScheduler:
     """Wraps the engine scheduler of every batch processor of one manager."""
 
     def __init__(self, shared: SharedState, hooks: ForwardHooks, patches: Patches, *, mode: str,
                  slo_overhead: float, governor_options: dict, step_time_model: StepTimeModel | None,
-                 observe_interval: float, small_poc_rows: int = SMALL_POC_ROWS, probe_every: int = PROBE_EVERY):
+                 observe_interval: float, small_poc_rows: int = SMALL_POC_ROWS, probe_every: int = PROBE_EVERY,
+                 model_shape: ModelShape | None = None):
         self.shared, self.hooks, self.patches = shared, hooks, patches
+        self.model_shape = model_shape  # the governor's GovernorConfig.model_shape unless set otherwise (see below)
         self.mode, self.slo_overhead = mode, slo_overhead
         self.governor_options = governor_options
         self.step_time_model = step_time_model
@@ -137,7 +157,10 @@ class PoCScheduler:
                 else:
                     self.hooks.disarm()
                 if result[0]:
-                    sh.clock = StepClock(t0, chat_q, poc_q, time.perf_counter() - t_extra)
+                    # the work figures of a step the governor will observe (computed now: the batch's preparation
+                    # advances the requests' positions)
+                    work = step_work_figures(cb, result[0], is_poc) if t0 >= self._next_observe else None
+                    sh.clock = StepClock(t0, chat_q, poc_q, time.perf_counter() - t_extra, work=work)
 
         return schedule_batch
 
@@ -168,9 +191,13 @@ class PoCScheduler:
         sh = self.shared
         if sh.governor is None:
             capacity, _ = sh.cb.kv_tokens(cache)
+            options = dict(self.governor_options)
+            if self.model_shape is not None and self.step_time_model is None:
+                # the work (roofline) step-time model; a user's step_time_model or model_shape option wins
+                options.setdefault("model_shape", self.model_shape)
             config = GovernorConfig(max_batch_tokens=sh.cb.max_batch_tokens(cache), kv_tokens_capacity=capacity,
                                     mode=self.mode, slo_overhead=self.slo_overhead,
-                                    poc_seq_len=sh.round["seq_len"], **self.governor_options)
+                                    poc_seq_len=sh.round["seq_len"], **options)
             sh.governor = Governor(config, self.step_time_model)
             if sh.failed is not None:
                 sh.governor.stop(sh.failed)
@@ -191,10 +218,12 @@ class PoCScheduler:
         if head is not None:
             need += pages(cb.remaining_prefill(head) + 1)
         held = sum(pages(st.computed) for st in tracker.states() if not st.done)
+        keys, kv_read, lm_rows = step_work_figures(cb, chat_batch, tracker.is_poc_request)
         return StepLoad(chat_tokens=int(chat_q), kv_tokens_free=max(0, kv_free), chat_decode_requests=decode_reqs,
                         chat_prefill_tokens=int(chat_q) - decode_reqs, waiting_chat_requests=waiting,
                         poc_tokens_pending=tracker.pending_tokens, poc_kv_tokens_held=held,
-                        waiting_chat_kv_tokens=need, poc_fixed_seconds=self.fixed_cost() or 0.0,
+                        waiting_chat_kv_tokens=need, chat_attention_keys=keys, chat_kv_tokens_read=kv_read,
+                        chat_lm_rows=lm_rows, poc_fixed_seconds=self.fixed_cost() or 0.0,
                         probe_tokens=self.small_poc_rows if self._vetoes_since_probe >= self.probe_every else 0)
 
     def _preempt_for_chat(self, sched, bp, chat, waiting, head, starved) -> bool:
@@ -311,8 +340,10 @@ class PoCScheduler:
             if clock.poc_tokens <= self.small_poc_rows and clock.chat_tokens:
                 e = self._poc_small_overhead
                 self._poc_small_overhead = ovh if e is None else 0.8 * e + 0.2 * ovh
-        # the step-time fit costs ~0.2 ms: feed it a subsample (at most one step per observe_interval)
+        # the step-time fit costs ~0.2 ms: feed it a subsample (at most one step per observe_interval: the steps
+        # scheduled with their work figures)
         total = clock.chat_tokens + clock.poc_tokens
-        if sh.governor is not None and total > 0 and dt > 0 and clock.t0 >= self._next_observe:
+        if sh.governor is not None and total > 0 and dt > 0 and clock.work is not None:
             self._next_observe = clock.t0 + self.observe_interval
-            sh.jobs.put(("observe", total, clock.poc_tokens, dt))
+            keys, kv_read, lm_rows = clock.work
+            sh.jobs.put(("observe", total, clock.poc_tokens, dt, keys, kv_read, lm_rows))

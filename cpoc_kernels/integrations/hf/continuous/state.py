@@ -45,6 +45,7 @@ class StepClock:
     poc_tokens: int
     sched_seconds: float  # PoC's part of scheduling it
     hook_seconds: float = 0.0  # time in PoC hooks during its forward
+    work: tuple[int, int, int] | None = None  # (attention pairs, KV read, LM-head rows) of a step to observe
 
 
 class SharedState:

@@ -54,7 +54,8 @@ class PoCWorker:
         self._thread = None
 
     def _loop(self) -> None:
-        """Jobs: ``("readout", hs, nonces)``, ``("observe", tokens, poc_tokens, seconds)``, ``("refill",)``;
+        """Jobs: ``("readout", hs, nonces)``, ``("observe", tokens, poc_tokens, seconds,
+        attention_keys, kv_tokens_read, lm_rows)``, ``("refill",)``;
         ``None`` ends the loop. Every pass (even an empty one) tops up the prepared inputs."""
         sh = self.shared
         while True:
