@@ -3,9 +3,12 @@
 Engine-independent. Each step the engine glue calls :meth:`Governor.decide` with the step's chat load
 (:class:`StepLoad`) *after* the engine scheduled its chat rows, and gets a :class:`PoCBudget`: how many
 PoC prefill tokens to add to this step and how many new nonce requests to admit. After the step it calls
-:meth:`Governor.observe` with the measured step time, which feeds the online step-time model
-(default :class:`~cpoc_kernels.step_model.RooflineStepTimeModel`: flat, then linear, knee learnt from the
-steps; :class:`~cpoc_kernels.step_model.StepTimeModel` is the straight line of earlier revisions).
+:meth:`Governor.observe` with the measured step time, which feeds the online step-time model: with
+``GovernorConfig.model_shape`` :class:`~cpoc_kernels.step_model.WorkStepTimeModel` (a roofline of each
+step's bytes read and FLOPs, hardware constants learnt; the glue reports the step's attention pairs, KV
+reads, LM-head rows and the pending nonces' progress), otherwise
+:class:`~cpoc_kernels.step_model.RooflineStepTimeModel` (flat, then linear in rows, knee learnt);
+:class:`~cpoc_kernels.step_model.StepTimeModel` is the straight line of earlier revisions.
 ``decide`` is deterministic and side-effect free (no clocks, no threads); only ``observe`` and
 ``stop`` change state.
 

@@ -93,6 +93,7 @@ class WorkStepTimeModel:
         self._cov = np.diag(1.0 / self._prior_precision)
         self._noise = relative_noise
         self._run, self._run_sign = 0, 0
+        self._since_restart = 0
         self.n_observations = 0
         self.n_changes = 0
         self.n_outliers = 0
@@ -223,16 +224,18 @@ class WorkStepTimeModel:
         if len(self._times) > self._window:
             del self._rows[0], self._times[0]
         self.n_observations += 1
+        self._since_restart += 1
         if self._run >= self._change_run:  # the engine changed: keep only the steps that say so
             del self._rows[:-self._change_run], self._times[:-self._change_run]
             self._run, self._run_sign = 0, 0
+            self._since_restart = self._change_run
             self.n_changes += 1
             self._noise = self._prior_noise
             self._refit(rerank=True)
             return
-        n = self.n_observations
-        if n <= self._warmup or n % self._RERANK_EVERY == 0:
-            self._refit(rerank=True)
+        n, fresh = self.n_observations, self._since_restart
+        if fresh <= self._warmup or n % self._RERANK_EVERY == 0 or (fresh <= self._RERANK_EVERY and n % self._REFIT_EVERY == 0):
+            self._refit(rerank=True)  # every step while new, every 4th for the first 64 steps of a fit, then every 64th
         elif n % self._REFIT_EVERY == 0:
             self._refit(rerank=False)
 

@@ -217,13 +217,16 @@ class PoCScheduler:
         need = sum(pages(n) for _, n in starved)
         if head is not None:
             need += pages(cb.remaining_prefill(head) + 1)
-        held = sum(pages(st.computed) for st in tracker.states() if not st.done)
+        in_flight = [st for st in tracker.states() if not st.done]
+        held = sum(pages(st.computed) for st in in_flight)
+        # the progress of the nonces with rows left (the engine continues them in admission order)
+        pending = tuple(st.computed for st in in_flight if st.computed < tracker.seq_len)
         keys, kv_read, lm_rows = step_work_figures(cb, chat_batch, tracker.is_poc_request)
         return StepLoad(chat_tokens=int(chat_q), kv_tokens_free=max(0, kv_free), chat_decode_requests=decode_reqs,
                         chat_prefill_tokens=int(chat_q) - decode_reqs, waiting_chat_requests=waiting,
                         poc_tokens_pending=tracker.pending_tokens, poc_kv_tokens_held=held,
                         waiting_chat_kv_tokens=need, chat_attention_keys=keys, chat_kv_tokens_read=kv_read,
-                        chat_lm_rows=lm_rows, poc_fixed_seconds=self.fixed_cost() or 0.0,
+                        chat_lm_rows=lm_rows, poc_pending_computed=pending, poc_fixed_seconds=self.fixed_cost() or 0.0,
                         probe_tokens=self.small_poc_rows if self._vetoes_since_probe >= self.probe_every else 0)
 
     def _preempt_for_chat(self, sched, bp, chat, waiting, head, starved) -> bool:
