@@ -112,6 +112,14 @@ class GovernorConfig:
     :class:`StepLoad` and :meth:`Governor.observe`); None: :class:`RooflineStepTimeModel` (rows only)."""
     tensor_parallel: int = 1
     """Cards of the tensor-parallel group serving the model (with ``model_shape``)."""
+    max_pending_nonces: int = 4
+    """With the work model and a glue that can: when continuing the pending nonces would give a chat step
+    less than a quarter of the rows that new nonces would (their cached prefixes are re-read), new nonces
+    start instead, while fewer than this many admitted nonces have rows left."""
+    slo_feedback: bool = True
+    """With :class:`WorkStepTimeModel`: bound end-to-end TPOT rather than each step — the per-step
+    allowance shrinks by the chat step's elasticity in its own work (a slower step lets more chat into
+    later steps; see ``Governor._step_allowance``). False: every chat step may grow by ``slo_overhead``."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -137,6 +145,8 @@ class GovernorConfig:
             _check_real("poc_attention_keys_per_token", self.poc_attention_keys_per_token)
         if self.model_shape is not None and not isinstance(self.model_shape, ModelShape):
             raise ValueError(f"model_shape must be a ModelShape or None, got {type(self.model_shape).__name__}")
+        if _check_count("max_pending_nonces", self.max_pending_nonces) < 1:
+            raise ValueError(f"max_pending_nonces must be >= 1, got {self.max_pending_nonces}")
         if _check_count("tensor_parallel", self.tensor_parallel) < 1:
             raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
 
@@ -163,7 +173,8 @@ class StepLoad:
     computed of each admitted nonce that has rows left, in the order the glue continues them (PoC rows of
     a step continue these nonces, then start new ones): with it, :class:`WorkStepTimeModel` counts the
     exact attention pairs and KV reads of the PoC rows (a nonce's late rows attend more keys); empty:
-    nonces are assumed to start at 0. ``poc_fixed_seconds``: the time a step pays for carrying any
+    nonces are assumed to start at 0. ``can_start_fresh``: the glue can honour
+    ``PoCBudget.fresh_nonces_only`` (give a step's PoC rows to newly admitted nonces only). ``poc_fixed_seconds``: the time a step pays for carrying any
     PoC rows at all, whatever their number (``fill`` mode charges it to the SLO allowance first);
     ``probe_tokens``: PoC rows allowed even when that fixed time alone exceeds the allowance (0: none).
     """
@@ -182,6 +193,7 @@ class StepLoad:
     chat_kv_tokens_read: int = 0
     chat_lm_rows: int | None = None
     poc_pending_computed: tuple[int, ...] = ()
+    can_start_fresh: bool = False
 
     def __post_init__(self) -> None:
         for name in ("chat_tokens", "kv_tokens_free", "chat_decode_requests", "chat_prefill_tokens",
@@ -189,6 +201,8 @@ class StepLoad:
                      "waiting_chat_kv_tokens", "chat_attention_keys", "probe_tokens", "chat_kv_tokens_read"):
             _check_count(name, getattr(self, name))
         object.__setattr__(self, "poc_pending_computed", tuple(self.poc_pending_computed))
+        if not isinstance(self.can_start_fresh, bool):
+            raise ValueError(f"can_start_fresh must be a bool, got {self.can_start_fresh!r}")
         for computed in self.poc_pending_computed:
             _check_count("poc_pending_computed[i]", computed)
         if self.chat_lm_rows is not None:
@@ -213,6 +227,10 @@ class PoCBudget:
     predicted_chat_step_seconds: float
     predicted_step_seconds: float
     preempt_kv_tokens: int = 0
+    fresh_nonces_only: bool = False
+    """The rows go to the ``new_requests`` nonces admitted now only; pending nonces wait this step (each
+    continuation re-reads its cached prefix, which can cost more than the step allows). Only when the
+    glue set ``StepLoad.can_start_fresh``."""
 
     @property
     def predicted_slowdown(self) -> float:
@@ -296,14 +314,18 @@ class Governor:
                 return model.predict(load.chat_tokens + poc_tokens, chat_keys + poc_tokens * self._keys_per_poc_token())
         chat_seconds = predict(0) if load.chat_tokens else 0.0
 
-        def budget(tokens: int, reason: BudgetReason) -> PoCBudget:
+        def budget(tokens: int, reason: BudgetReason, fresh: bool = False) -> PoCBudget:
             new = 0
-            if tokens > load.poc_tokens_pending:
-                new = math.ceil((tokens - load.poc_tokens_pending) / cfg.poc_seq_len)
-            step = predict(tokens) if load.chat_tokens + tokens else 0.0
+            if fresh:
+                new = math.ceil(tokens / cfg.poc_seq_len)
+                step = model.predict_work(chat_work.plus(self._poc_work(tokens)))
+            else:
+                if tokens > load.poc_tokens_pending:
+                    new = math.ceil((tokens - load.poc_tokens_pending) / cfg.poc_seq_len)
+                step = predict(tokens) if load.chat_tokens + tokens else 0.0
             return PoCBudget(tokens=tokens, new_requests=new, reason=reason,
                              predicted_chat_step_seconds=chat_seconds, predicted_step_seconds=step,
-                             preempt_kv_tokens=preempt)
+                             preempt_kv_tokens=preempt, fresh_nonces_only=fresh)
 
         preempt = 0  # chat waiting for KV that PoC holds: free it, whatever the mode
         if load.waiting_chat_requests > 0:
@@ -330,12 +352,22 @@ class Governor:
         elif load.chat_tokens == 0:
             limits.append((self._idle_limit(load), BudgetReason.IDLE_CAP))
         else:
-            allowance = cfg.slo_overhead * chat_seconds - load.poc_fixed_seconds  # left for the PoC rows
+            allowance = self._step_allowance(chat_seconds, chat_work if self._uses_work else None) \
+                - load.poc_fixed_seconds  # left for the PoC rows
             if load.poc_fixed_seconds > 0 and allowance <= 0:
                 limits.append((load.probe_tokens, BudgetReason.FIXED_COST))
             elif self._uses_work:
-                limits.append((model.max_added_within(chat_work, poc_work, allowance, cfg.confidence_z,
-                                                      limit=cfg.max_batch_tokens), BudgetReason.SLO))
+                slo_tokens = model.max_added_within(chat_work, poc_work, allowance, cfg.confidence_z,
+                                                    limit=cfg.max_batch_tokens)
+                if (load.can_start_fresh and load.poc_pending_computed and admissible_new > 0
+                        and len(load.poc_pending_computed) < cfg.max_pending_nonces):
+                    fresh_tokens = min(admissible_new * cfg.poc_seq_len, room, model.max_added_within(
+                        chat_work, self._poc_work, allowance, cfg.confidence_z, limit=cfg.max_batch_tokens))
+                    # only when continuing is (nearly) impossible: nonces that are started but not finished
+                    # hold KV and are lost to a preemption, so finishing comes first
+                    if fresh_tokens > 4 * slo_tokens:
+                        return budget(fresh_tokens, BudgetReason.SLO, fresh=True)
+                limits.append((slo_tokens, BudgetReason.SLO))
             else:
                 slo_tokens = model.max_added_tokens(
                     load.chat_tokens, chat_keys, self._keys_per_poc_token(), allowance, cfg.confidence_z,
@@ -344,6 +376,21 @@ class Governor:
         limits.append((kv_limit, BudgetReason.KV_BACKPRESSURE))
         tokens, reason = min(limits, key=lambda item: item[0])  # first of equal limits wins
         return budget(max(0, tokens), reason)
+
+    def _step_allowance(self, chat_seconds: float, chat_work: StepWork | None) -> float:
+        """Seconds PoC may add to a chat step: ``slo_overhead`` × the chat step; with ``slo_feedback`` and
+        the work model, ``slo_overhead·(1 − e)`` × it, ``e`` the predicted elasticity of the chat step's
+        time in its chat work (d log t / d log w, every chat row, attention pair, KV read and LM row scaled
+        together). Why: at a given arrival rate a slower step lets more arrivals and longer-staying decodes
+        into each later step (Little's law), so a per-step slowdown ``s`` costs TPOT about ``s/(1 − e)``."""
+        cfg = self.config
+        if not cfg.slo_feedback or chat_work is None or chat_seconds <= 0:
+            return cfg.slo_overhead * chat_seconds
+        eps = 0.05
+        scaled = StepWork(chat_work.tokens * (1 + eps), chat_work.attention_pairs * (1 + eps),
+                          chat_work.lm_rows * (1 + eps), chat_work.kv_tokens_read * (1 + eps))
+        elasticity = min(max((self.model.predict_work(scaled) / chat_seconds - 1) / eps, 0.0), 0.9)
+        return cfg.slo_overhead * (1 - elasticity) * chat_seconds
 
     def _idle_limit(self, load: StepLoad) -> int:
         """PoC rows of a step without chat (``idle_max_tokens``, ``idle_max_seconds``)."""

@@ -55,6 +55,7 @@ def run_load(preset: EnginePreset, path: str, load: float, capacity: float, n_re
     row = {
         "load": load, "chat_rate": load * capacity, "requests": n_requests,
         "fill": on.poc_tokens / free if free else float("nan"),
+        "fill_end_to_end": on.poc_tokens / max(1, sum(s.capacity_end_to_end for s in on.steps)),
         "fill_chat_steps": (sum(s.poc_tokens for s in chat_steps) / max(1, sum(s.capacity for s in chat_steps))),
         "overfilled_steps": sum(1 for s in on.steps if s.poc_tokens > s.capacity) / max(1, len(on.steps)),
         "nonces_per_s": on.nonces_done / on.duration,
@@ -114,6 +115,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     axes[0].plot(loads, [r["fill"] for r in rows], "o-", label="all steps")
     axes[0].plot(loads, [r["fill_chat_steps"] for r in rows], "s--", label="chat steps")
+    axes[0].plot(loads, [r["fill_end_to_end"] for r in rows], "^:", label="vs end-to-end capacity")
     axes[0].axhline(0.9, color="grey", ls=":", label="goal 0.9")
     axes[0].set(title="PoC fill (PoC tokens / free capacity)", xlabel="chat load")
     for key, style in (("tpot_p50", "o-"), ("tpot_p99", "s-"), ("ttft_p99", "^-")):
@@ -181,7 +183,7 @@ def cmd_bench_sim(args) -> int:
                 row = run_load(preset, path, load, capacity, args.requests, args.seed, args.arrivals, args.policy,
                                model=model, **options)
                 rows.append(row)
-                print(f"  {label:9s} load {load:.2f}: fill {row['fill']:.3f}  TPOT p50 {100 * row['tpot_p50_change']:+.1f} % "
+                print(f"  {label:9s} load {load:.2f}: fill {row['fill']:.3f} (end to end {row['fill_end_to_end']:.3f})  TPOT p50 {100 * row['tpot_p50_change']:+.1f} % "
                       f"p99 {100 * row['tpot_p99_change']:+.1f} %  TTFT p99 {100 * row['ttft_p99_change']:+.1f} %  "
                       f"{row['nonces_per_s']:.1f} nonces/s  ({time.perf_counter() - t0:.1f} s)")
             write_csv(rows, args.out_dir / f"{name}_{label}.csv")

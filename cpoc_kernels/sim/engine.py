@@ -69,13 +69,15 @@ class _Request:
 
 @dataclass
 class StepRecord:
-    """One simulated step: start (s), true duration (s), chat and PoC rows, free PoC capacity (rows)."""
+    """One simulated step: start (s), true duration (s), chat and PoC rows, free PoC capacity (rows; per
+    step and end to end, see ``_Engine._capacity``)."""
 
     start: float
     seconds: float
     chat_tokens: int
     poc_tokens: int
     capacity: int = 0
+    capacity_end_to_end: int = 0
 
 
 @dataclass
@@ -258,12 +260,15 @@ class _Engine:
     def _chat_only_work(self, scheduled) -> StepWork:
         return self._work([(r, n) for r, n in scheduled if not r.poc], True)[0]
 
-    def _capacity(self, chat_work: StepWork) -> int:
-        """Free PoC capacity of a step (true curve): the largest addition keeping the step within
-        1 + slo of chat alone; for a step without chat, the idle bound (≤ (1 + slo) × a one-token step)."""
+    def _capacity(self, chat_work: StepWork) -> tuple[int, int]:
+        """Free PoC capacity of a step (true curve, PoC tokens of fresh nonces): the largest addition keeping
+        the step within 1 + slo of chat alone; for a step without chat, the idle bound (≤ (1 + slo) × a
+        one-token step). Second, the end-to-end capacity: within 1 + slo·(1 − e) for a chat step, ``e`` the
+        true elasticity of the chat step in its own work (what a per-step addition costs TPOT once more
+        chat piles into later steps; see ``Governor._step_allowance``); the same idle bound."""
         budget = self.p.max_batch_tokens
         keys_per = (self.cfg.seq_len + 1) / 2
-        slo = 1 + self.cfg.slo_overhead
+        slo = self.cfg.slo_overhead
 
         def with_poc(x: int, base: StepWork) -> float:
             return self.curve.seconds(StepWork(base.tokens + x, base.attention_pairs + int(x * keys_per),
@@ -272,11 +277,18 @@ class _Engine:
         if chat_work.tokens == 0:
             if self.idle_bound_cache is None:
                 empty = StepWork(0, 0, 0, 0)
-                limit = slo * with_poc(1, empty)
+                limit = (1 + slo) * with_poc(1, empty)
                 self.idle_bound_cache = _largest(lambda x: with_poc(x, empty) <= limit, budget)
-            return self.idle_bound_cache
-        limit = slo * self.curve.seconds(chat_work)
-        return _largest(lambda x: with_poc(x, chat_work) <= limit, budget - chat_work.tokens)
+            return self.idle_bound_cache, self.idle_bound_cache
+        alone = self.curve.seconds(chat_work)
+        eps = 0.05
+        scaled = StepWork(chat_work.tokens * (1 + eps), chat_work.attention_pairs * (1 + eps),
+                          chat_work.lm_rows * (1 + eps), chat_work.kv_tokens_read * (1 + eps))
+        elasticity = min(max((self.curve.seconds(scaled) / alone - 1) / eps, 0.0), 0.9)
+        room = budget - chat_work.tokens
+        per_step = _largest(lambda x: with_poc(x, chat_work) <= (1 + slo) * alone, room)
+        end_to_end = _largest(lambda x: with_poc(x, chat_work) <= (1 + slo * (1 - elasticity)) * alone, room)
+        return per_step, end_to_end
 
     def _measured(self, seconds: float) -> float:
         noisy = seconds * math.exp(self.cfg.jitter * self.rng.standard_normal())
@@ -311,10 +323,10 @@ class _Engine:
                 continue
             work, chat_q, poc_q = self._work(scheduled, cfg.path == "hf")
             seconds = self.curve.seconds(work)
-            capacity = self._capacity(self._chat_only_work(scheduled)) if cfg.poc else 0
+            capacity, capacity_e2e = self._capacity(self._chat_only_work(scheduled)) if cfg.poc else (0, 0)
             start = self.now
             self.now += seconds
-            self.steps.append(StepRecord(start, seconds, chat_q, poc_q, capacity))
+            self.steps.append(StepRecord(start, seconds, chat_q, poc_q, capacity, capacity_e2e))
             self.poc_tokens += poc_q
             measured = self._measured(seconds)
             nonce_done = False
@@ -377,7 +389,8 @@ class _Engine:
                             poc_kv_tokens_held=sum(r.computed for r in self.poc_running),
                             waiting_chat_kv_tokens=head, chat_attention_keys=work.attention_pairs,
                             chat_kv_tokens_read=work.kv_tokens_read, chat_lm_rows=work.lm_rows,
-                            poc_pending_computed=tuple(r.computed for r in self.poc_running if r.prefilling))
+                            poc_pending_computed=tuple(r.computed for r in self._continuation_order()),
+                            can_start_fresh=True)
 
         if self.waiting and self.poc_running:  # chat short of room while PoC holds KV: the glue preempts PoC
             want = gov.decide(load(chat)).preempt_kv_tokens
@@ -398,13 +411,13 @@ class _Engine:
                 chat += more
         budget = gov.decide(load(chat))
         gov.record(budget)
-        for _ in range(budget.new_requests):
-            self.poc_running.append(self._new_nonce())
+        fresh = [self._new_nonce() for _ in range(budget.new_requests)]
+        self.poc_running.extend(fresh)
         chat_q = sum(n for _, n in chat)
         left = min(budget.tokens, p.max_batch_tokens - chat_q)
         seqs_left = p.max_num_seqs - len(chat)
         poc = []
-        for req in self.poc_running:
+        for req in (fresh if budget.fresh_nonces_only else self._continuation_order()):
             if left <= 0 or seqs_left <= 0:
                 break
             n = min(req.need(), left, max(0, self.kv_capacity - self.kv_used))
@@ -415,6 +428,11 @@ class _Engine:
             left -= n
             seqs_left -= 1
         return chat + poc
+
+    def _continuation_order(self) -> list[_Request]:
+        """Admitted nonces with rows left, cheapest to continue first (the least computed: the shortest
+        cached prefix to re-read); ties in admission order."""
+        return sorted((r for r in self.poc_running if r.prefilling), key=lambda r: r.computed)
 
     def _client_admission(self) -> None:
         """``AsyncCpoc.run``'s loop: when due, ask :class:`PoCAdmission` with the workers' stats, submit."""

@@ -75,7 +75,9 @@ def test_simulation_serves_chat_within_budget_and_kv(path):
     assert all(r.finish is not None and r.arrival <= r.first_token <= r.finish for r in result.chat)
     assert max(kv_peak) <= engine.kv_capacity
     assert all(s.chat_tokens + s.poc_tokens <= preset.max_batch_tokens for s in result.steps)
-    assert result.poc_tokens > 0 and result.nonces_done > 0
+    assert result.poc_tokens > 0
+    if path == "vllm":  # path hf keeps chat's SLO: at this load (and with this little KV) no nonce completes,
+        assert result.nonces_done > 0  # even with the oracle model; see the lighter test below
     assert result.preemptions_chat + result.preemptions_poc > 0
     stats = result.governor_stats
     # path hf: the glue reports each step's work and the model shape (work roofline); vllm: rows only
@@ -93,26 +95,26 @@ def test_poc_off_runs_are_deterministic_and_poc_on_keeps_every_request():
     assert [(r.first_token, r.finish) for r in a.chat] == [(r.first_token, r.finish) for r in b.chat]
     assert a.poc_tokens == 0
     on = simulate(preset, trace, SimConfig(path="hf"))
-    assert len(on.chat) == len(a.chat) and on.poc_tokens > 0
+    assert len(on.chat) == len(a.chat) and on.poc_tokens > 0 and on.nonces_done > 0
     assert np.all(np.isfinite(on.tpot())) and np.all(on.ttft() > 0)
 
 
 def test_bench_sim_short_sweep(tmp_path, capsys):
     plot = importlib.util.find_spec("matplotlib") is not None
-    args = ["bench-sim", "--presets", "qwen3-0.6b", "--paths", "all", "--loads", "0.5", "--requests", "24",
-            "--out-dir", str(tmp_path)] + ([] if plot else ["--no-plot"])
+    args = ["bench-sim", "--presets", "dense-8b", "--paths", "all", "--models", "work,oracle", "--loads", "0.5",
+            "--requests", "24", "--out-dir", str(tmp_path)] + ([] if plot else ["--no-plot"])
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "fill" in out and "nonces/s" in out
-    for path in ("hf", "vllm"):
-        with open(tmp_path / f"qwen3-0.6b_{path}.csv") as f:
+    assert "fill" in out and "nonces/s" in out and "end to end" in out
+    for path in ("hf", "hf-oracle", "vllm"):
+        with open(tmp_path / f"dense-8b_{path}.csv") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == 1
         row = rows[0]
         for key in ("fill", "tpot_p99_change", "ttft_p99_change", "nonces_per_s"):
             assert math.isfinite(float(row[key]))
         assert float(row["fill"]) > 0 and float(row["nonces_per_s"]) > 0
-        assert (tmp_path / f"qwen3-0.6b_{path}.png").exists() == plot
+        assert (tmp_path / f"dense-8b_{path}.png").exists() == plot
 
 
 @pytest.mark.parametrize("bad", [["--presets", "gpt-5"], ["--paths", "sglang"], ["--loads", "0.5,x"],
