@@ -380,7 +380,7 @@ def test_decode_budget_respects_the_slo_and_fills_most_of_it(preset, seed, feedb
         assert 0.05 < elasticity < 0.9
         allowed = SLO * (1 - elasticity)
     with_poc = curve.seconds(chat.plus(poc_work(budget.tokens)))
-    assert with_poc <= (1 + allowed * 1.02) * chat_seconds  # 2 % of the allowance: the fit's error
+    assert with_poc <= (1 + allowed * 1.05) * chat_seconds  # 5 % of the allowance: the fit's error
     best = largest(lambda x: curve.seconds(chat.plus(poc_work(x))) <= (1 + allowed) * chat_seconds, 8192 - 32)
     assert best >= 1
     assert budget.tokens >= 0.8 * best

@@ -54,6 +54,7 @@ class WorkStepTimeModel:
     _REFIT_EVERY = 4  # one Gauss-Newton iteration on the chosen p every this many steps
     _RERANK_EVERY = 64  # every p refitted and ranked
     _GN_ITERATIONS_RERANK = 3
+    _PLAUSIBLE_CHI2 = 4.0
 
     def __init__(self, shape: ModelShape, tensor_parallel: int = 1, *, prior_flop_rate: float | None = None,
                  prior_bandwidth: float | None = None, prior_overhead_seconds: float = 5e-4,
@@ -76,7 +77,10 @@ class WorkStepTimeModel:
         # θ = (overhead ms, per_row ms per 1000 rows, log(ms per GB), log(ms per TFLOP))
         o0 = prior_overhead_seconds * _MS
         self._prior_mean = np.array([o0, 0.0, math.log(_MS * _GB / bandwidth), math.log(_MS * _TFLOP / flop_rate)])
-        self._prior_precision = 1.0 / np.array([max(o0, 0.1) * 2.0, 2.0, prior_log_std, prior_log_std]) ** 2
+        # per-row time outside the roofline is the tensor-parallel all-reduces: ~0 on one card (a loose prior
+        # there lets it absorb what the roofline should explain, and over-price PoC rows), loose for a group
+        row_std = 0.05 if tensor_parallel == 1 else 10.0  # ms per 1000 rows
+        self._prior_precision = 1.0 / np.array([max(o0, 0.1) * 2.0, row_std, prior_log_std, prior_log_std]) ** 2
         self._prior_noise = relative_noise
         self._outlier_sigmas = outlier_sigmas
         self._change_sigmas = change_sigmas
@@ -94,6 +98,7 @@ class WorkStepTimeModel:
         self._noise = relative_noise
         self._run, self._run_sign = 0, 0
         self._since_restart = 0
+        self._plausible: list[tuple[float, np.ndarray]] = []  # other (p, θ) the steps do not rule out
         self.n_observations = 0
         self.n_changes = 0
         self.n_outliers = 0
@@ -102,9 +107,12 @@ class WorkStepTimeModel:
     def _features(self, work: StepWork) -> tuple[float, float, float]:
         return (self.counter.bytes_read(work) / _GB, self.counter.flops(work) / _TFLOP, work.tokens / _KROWS)
 
-    def _point(self, x: tuple[float, float, float]) -> tuple[float, tuple[float, float, float, float]]:
-        """Predicted ms of one feature row and its gradient in θ (scalar twin of :meth:`_curve`)."""
-        theta, p = self._theta, self._p
+    def _point(self, x: tuple[float, float, float], theta: np.ndarray | None = None,
+               p: float | None = None) -> tuple[float, tuple[float, float, float, float]]:
+        """Predicted ms of one feature row and its gradient in θ (scalar twin of :meth:`_curve`); the
+        chosen fit unless ``theta``/``p`` are given."""
+        if theta is None:
+            theta, p = self._theta, self._p
         if x[2] <= 0:
             return 0.0, (0.0, 0.0, 0.0, 0.0)
         mem, comp = math.exp(theta[2]) * x[0], math.exp(theta[3]) * x[1]
@@ -178,11 +186,17 @@ class WorkStepTimeModel:
         self._x = np.array(self._rows)
         self._y = np.array(self._times)
         if rerank:
-            results = {p: self._gauss_newton(self._thetas[p], p, self._GN_ITERATIONS_RERANK) for p in self.P_GRID}
+            iterations = self._GN_ITERATIONS_RERANK
+            results = {p: self._gauss_newton(self._thetas[p], p, iterations) for p in self.P_GRID}
             for p, (theta, _, _) in results.items():
                 self._thetas[p] = theta
-            self._p = min(self.P_GRID, key=lambda p: (results[p][1], p))  # ties: the smaller p
-            theta, _, normal = results[self._p]
+            best = min(self.P_GRID, key=lambda p: (results[p][1], p))  # ties: the smaller p
+            # the knee's sharpness the steps do not rule out (within Δχ² = 4 of the best): added times are
+            # taken as the largest over them, so a shape the data cannot pin down makes the governor cautious
+            cut = results[best][1] + self._PLAUSIBLE_CHI2 * self._noise ** 2
+            self._plausible = [(p, results[p][0]) for p in self.P_GRID if p != best and results[p][1] <= cut]
+            self._p = best
+            theta, _, normal = results[best]
         else:
             theta, _, normal = self._gauss_newton(self._thetas[self._p], self._p, 1)
             self._thetas[self._p] = theta
@@ -257,11 +271,15 @@ class WorkStepTimeModel:
         return self.predict_work(StepWork(tokens, attention_keys, 0, tokens))
 
     def added_seconds_work(self, base: StepWork, added: StepWork, z: float = 0.0) -> float:
-        """Predicted extra time (s) of ``added`` joining ``base``: mean + z·std of the fit (delta method)."""
-        pa, ga = self._point(self._features(base.plus(added)))
-        pb, gb = self._point(self._features(base))
+        """Predicted extra time (s) of ``added`` joining ``base``: mean + z·std of the fit (delta method);
+        with ``z > 0`` the mean is the largest over the knee sharpnesses the steps do not rule out."""
+        xa, xb = self._features(base.plus(added)), self._features(base)
+        pa, ga = self._point(xa)
+        pb, gb = self._point(xb)
         extra = pa - pb
         if z:
+            for p, theta in self._plausible:
+                extra = max(extra, self._point(xa, theta, p)[0] - self._point(xb, theta, p)[0])
             extra += z * self._std([a - b for a, b in zip(ga, gb)])
         return extra / _MS
 
