@@ -174,8 +174,8 @@ class StepLoad:
     a step continue these nonces, then start new ones): with it, :class:`WorkStepTimeModel` counts the
     exact attention pairs and KV reads of the PoC rows (a nonce's late rows attend more keys); empty:
     nonces are assumed to start at 0. ``can_start_fresh``: the glue can honour
-    ``PoCBudget.fresh_nonces_only`` (give a step's PoC rows to newly admitted nonces only). ``poc_fixed_seconds``: the time a step pays for carrying any
-    PoC rows at all, whatever their number (``fill`` mode charges it to the SLO allowance first);
+    ``PoCBudget.fresh_nonces_only`` (give a step's PoC rows to newly admitted nonces only).
+    ``poc_fixed_seconds``: the time a step pays for carrying any PoC rows at all, whatever their number (``fill`` mode charges it to the SLO allowance first);
     ``probe_tokens``: PoC rows allowed even when that fixed time alone exceeds the allowance (0: none).
     """
 

@@ -183,7 +183,8 @@ def cmd_bench_sim(args) -> int:
                 row = run_load(preset, path, load, capacity, args.requests, args.seed, args.arrivals, args.policy,
                                model=model, **options)
                 rows.append(row)
-                print(f"  {label:9s} load {load:.2f}: fill {row['fill']:.3f} (end to end {row['fill_end_to_end']:.3f})  TPOT p50 {100 * row['tpot_p50_change']:+.1f} % "
+                print(f"  {label:9s} load {load:.2f}: fill {row['fill']:.3f} (end to end {row['fill_end_to_end']:.3f})  "
+                      f"TPOT p50 {100 * row['tpot_p50_change']:+.1f} % "
                       f"p99 {100 * row['tpot_p99_change']:+.1f} %  TTFT p99 {100 * row['ttft_p99_change']:+.1f} %  "
                       f"{row['nonces_per_s']:.1f} nonces/s  ({time.perf_counter() - t0:.1f} s)")
             write_csv(rows, args.out_dir / f"{name}_{label}.csv")

@@ -34,6 +34,7 @@ import numpy as np
 from cpoc_kernels.cost import DEFAULT_SEQ_LEN, attention_key_pairs
 from cpoc_kernels.governor import Governor, GovernorConfig, StepLoad
 from cpoc_kernels.step_model import WorkStepTimeModel
+from cpoc_kernels.step_model.common import largest_fitting
 
 from .hardware import EnginePreset, StepWork
 from .workload import ChatArrival
@@ -278,7 +279,7 @@ class _Engine:
             if self.idle_bound_cache is None:
                 empty = StepWork(0, 0, 0, 0)
                 limit = (1 + slo) * with_poc(1, empty)
-                self.idle_bound_cache = _largest(lambda x: with_poc(x, empty) <= limit, budget)
+                self.idle_bound_cache = largest_fitting(lambda x: with_poc(x, empty) <= limit, budget)
             return self.idle_bound_cache, self.idle_bound_cache
         alone = self.curve.seconds(chat_work)
         eps = 0.05
@@ -286,8 +287,8 @@ class _Engine:
                           chat_work.lm_rows * (1 + eps), chat_work.kv_tokens_read * (1 + eps))
         elasticity = min(max((self.curve.seconds(scaled) / alone - 1) / eps, 0.0), 0.9)
         room = budget - chat_work.tokens
-        per_step = _largest(lambda x: with_poc(x, chat_work) <= (1 + slo) * alone, room)
-        end_to_end = _largest(lambda x: with_poc(x, chat_work) <= (1 + slo * (1 - elasticity)) * alone, room)
+        per_step = largest_fitting(lambda x: with_poc(x, chat_work) <= (1 + slo) * alone, room)
+        end_to_end = largest_fitting(lambda x: with_poc(x, chat_work) <= (1 + slo * (1 - elasticity)) * alone, room)
         return per_step, end_to_end
 
     def _measured(self, seconds: float) -> float:
@@ -446,20 +447,6 @@ class _Engine:
         room = min(room, max(self.admission.admit(stats), 1 if not in_flight else 0))
         for _ in range(max(0, room)):
             self._enqueue(self._new_nonce())
-
-
-def _largest(fits, limit: int) -> int:
-    """Largest x in 0..limit with fits(x) (fits monotone: true, then false)."""
-    if limit <= 0 or not fits(1):
-        return 0
-    low, high = 1, limit
-    while low < high:
-        mid = (low + high + 1) // 2
-        if fits(mid):
-            low = mid
-        else:
-            high = mid - 1
-    return low
 
 
 def simulate(preset: EnginePreset, trace: list[ChatArrival], config: SimConfig | None = None) -> RunResult:

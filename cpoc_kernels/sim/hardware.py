@@ -17,7 +17,6 @@ This is a model of the *shape* (flat, knee, slope), not a prediction of any engi
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from cpoc_kernels import cost

@@ -24,7 +24,7 @@ def _check_real(name: str, value: object, minimum: float = 0.0, strictly: bool =
     return value
 
 
-def _largest_fitting(fits, limit: int) -> int:
+def largest_fitting(fits, limit: int) -> int:
     """Largest ``x`` in ``0..limit`` with ``fits(x)``, for a ``fits`` true up to some point and false after
     (a predicted time growing with x); 0 if not even ``fits(1)``. Binary search."""
     if limit <= 0 or not fits(1):
@@ -66,7 +66,7 @@ class _FeaturePredictions:
             f = self._features(x, x * keys_per_token)
             return float(f @ self._theta) + z * math.sqrt(max(float(f @ self._cov @ f), 0.0)) <= seconds
 
-        return _largest_fitting(fits, limit)
+        return largest_fitting(fits, limit)
 
     def max_added_tokens(self, tokens: int, attention_keys: float, keys_per_added_token: float,
                          extra_seconds: float, z: float, limit: int) -> int:
@@ -74,4 +74,4 @@ class _FeaturePredictions:
         def fits(x: int) -> bool:
             return self.added_seconds(tokens, attention_keys, x, x * keys_per_added_token, z) <= extra_seconds
 
-        return _largest_fitting(fits, limit)
+        return largest_fitting(fits, limit)

@@ -30,7 +30,7 @@ import numpy as np
 from cpoc_kernels.cost import ModelShape
 from cpoc_kernels.step_work import StepCounter, StepWork
 
-from .common import _check_count, _check_real, _largest_fitting
+from .common import _check_count, _check_real, largest_fitting
 
 __all__ = ["WorkStepTimeModel"]
 
@@ -248,8 +248,10 @@ class WorkStepTimeModel:
             self._refit(rerank=True)
             return
         n, fresh = self.n_observations, self._since_restart
-        if fresh <= self._warmup or n % self._RERANK_EVERY == 0 or (fresh <= self._RERANK_EVERY and n % self._REFIT_EVERY == 0):
-            self._refit(rerank=True)  # every step while new, every 4th for the first 64 steps of a fit, then every 64th
+        # every p refitted: every step while new, every 4th for the first 64 steps of a fit, then every 64th
+        young = fresh <= self._RERANK_EVERY and n % self._REFIT_EVERY == 0
+        if fresh <= self._warmup or n % self._RERANK_EVERY == 0 or young:
+            self._refit(rerank=True)
         elif n % self._REFIT_EVERY == 0:
             self._refit(rerank=False)
 
@@ -286,7 +288,7 @@ class WorkStepTimeModel:
     def max_added_within(self, base: StepWork, added_for, extra_seconds: float, z: float, limit: int) -> int:
         """Largest ``x`` in ``0..limit`` whose ``added_for(x)`` (a :class:`StepWork` growing with x) adds at
         most ``extra_seconds`` (mean + z·std) to ``base``."""
-        return _largest_fitting(lambda x: self.added_seconds_work(base, added_for(x), z) <= extra_seconds, limit)
+        return largest_fitting(lambda x: self.added_seconds_work(base, added_for(x), z) <= extra_seconds, limit)
 
     def predict_work_upper(self, work: StepWork, z: float) -> float:
         """Predicted step time (s) of ``work``: mean + z·std of the fit."""
@@ -295,7 +297,7 @@ class WorkStepTimeModel:
 
     def max_within(self, seconds: float, work_for, z: float, limit: int) -> int:
         """Largest ``x`` in ``0..limit`` whose step ``work_for(x)`` is predicted (mean + z·std) ≤ ``seconds``."""
-        return _largest_fitting(lambda x: self.predict_work_upper(work_for(x), z) <= seconds, limit)
+        return largest_fitting(lambda x: self.predict_work_upper(work_for(x), z) <= seconds, limit)
 
     def memory_bound_at(self, work: StepWork) -> bool:
         """Whether the fitted roofline puts ``work`` on its memory side (the flat part of a GPU step)."""
