@@ -6,6 +6,8 @@ handling must stop PoC only, and the governor in ``off`` mode must add no PoC ro
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,8 @@ pytest.importorskip("transformers")
 
 from transformers import GenerationConfig  # noqa: E402
 
+from cpoc_kernels.cost import ModelShape  # noqa: E402
+from cpoc_kernels.governor import Governor  # noqa: E402
 from cpoc_kernels.integrations.hf import continuous  # noqa: E402
 from cpoc_kernels.integrations.hf.continuous import ContinuousPoC, cb_config  # noqa: E402
 from cpoc_kernels.integrations.hf.continuous.hooks import ForwardHooks  # noqa: E402
@@ -116,14 +120,18 @@ def count_rows_per_step(model, mgr):
 
 
 def run_session(model, *, nonces=(), prompts=(), max_new=(), poc=True, mode="fill", late_chat=0,
-                max_batch_tokens=MAX_BATCH_TOKENS, probe=False, on_artifact=None, wait_nonces=True, num_blocks=64):
+                max_batch_tokens=MAX_BATCH_TOKENS, probe=False, on_artifact=None, wait_nonces=True, num_blocks=64,
+                poc_options=None, on_forward=None):
     """One CB session: chat requests (all queued before start, the last ``late_chat`` after PoC started)
-    and optionally continuous PoC over ``nonces``. Returns a dict of what happened."""
+    and optionally continuous PoC over ``nonces`` (``poc_options``: more ``ContinuousPoC`` arguments).
+    ``on_forward(manager, kwargs)`` is called before every engine forward. Returns a dict of what happened."""
     gen = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
     mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb_config(
         max_batch_tokens=max_batch_tokens, num_blocks=num_blocks, page_size=16, max_requests_per_batch=16))
-    cp = ContinuousPoC(model, mgr, mode=mode, on_artifact=on_artifact) if poc else None
+    cp = ContinuousPoC(model, mgr, mode=mode, on_artifact=on_artifact, **(poc_options or {})) if poc else None
     pr = Probe(model, mgr) if probe else None
+    fwd = (model.register_forward_pre_hook(lambda m, a, k: on_forward(mgr, k), with_kwargs=True)
+           if on_forward is not None else None)
     chat_ids, outputs = [], {}
     n_early = len(prompts) - late_chat
     try:
@@ -154,6 +162,8 @@ def run_session(model, *, nonces=(), prompts=(), max_new=(), poc=True, mode="fil
             cp.detach()
         if pr is not None:
             pr.remove()
+        if fwd is not None:
+            fwd.remove()
     return dict(chat=[outputs[i] for i in chat_ids], cp=cp, probe=pr,
                 stats=None if cp is None else cp.stats(),
                 artifacts=None if cp is None else {a.nonce: a.vector() for a in cp.collected},
@@ -376,3 +386,80 @@ def test_idle_max_tokens_bounds_idle_steps_only(model, pure):
     assert max(chat_rows) == len(prompts) * 30  # the chat prefill is one step: not bounded by the idle cap
     assert sum(p for p, _ in per_step) == len(nonces) * SEQ_LEN
     assert_equivalent({a.nonce: a.vector() for a in cp.collected}, pure(nonces), cp.collected)
+
+
+def test_fresh_nonces_only_gives_the_rows_to_the_nonces_admitted_now(model, pure, monkeypatch):
+    """The glue honours ``PoCBudget.fresh_nonces_only``: on a step with nonces pending where the governor (work
+    model: the glue sets ``StepLoad.can_start_fresh``) answers it, the PoC rows the forward computes go only to
+    the nonces admitted in that step, the pending ones wait; on the other steps PoC continues the pending nonces
+    in the order ``StepLoad.poc_pending_computed`` lists them (oldest first); chat and artifacts are unchanged."""
+    nonces = list(range(600, 610))
+    prompts, max_new = chat_workload(seed=17, n=6)
+    off = run_session(model, prompts=prompts, max_new=max_new, poc=False)
+
+    holder, cur, records = {}, {}, []
+    real_decide, real_admit, real_ensure = Governor.decide, PoCScheduler._admit, PoCScheduler._ensure_governor
+
+    def ensure(self, cache):
+        holder["sched"] = self
+        return real_ensure(self, cache)
+
+    def decide(self, load):
+        budget = real_decide(self, load)
+        assert load.can_start_fresh
+        sh = holder["sched"].shared
+        cur.clear()
+        cur.update(load=load, forced=False, admitted=[], tokens=budget.tokens)
+        eligible = load.poc_pending_computed and budget.tokens > 0 and len(sh.prepared) > 0
+        if eligible:
+            holder["eligible"] = holder.get("eligible", 0) + 1
+            if holder["eligible"] % 2:  # every other such step: as the work model answers when continuing is dear
+                budget = dataclasses.replace(budget, fresh_nonces_only=True, new_requests=max(1, budget.new_requests))
+                cur.update(forced=True, tokens=budget.tokens)
+        return budget
+
+    def admit(self, sched, n):
+        ids = real_admit(self, sched, n)
+        cur.setdefault("admitted", []).extend(ids)
+        return ids
+
+    def on_forward(mgr, kwargs):
+        reqs = mgr.batch_processor.inputs_and_outputs.requests_in_batch
+        cu = kwargs["cu_seq_lens_q"].tolist()
+        pos = kwargs["position_ids"].reshape(-1).tolist()
+        poc = [(fs.state.request_id, pos[cu[i]], cu[i + 1] - cu[i]) for i, fs in enumerate(reqs)
+               if fs.state.request_id.startswith("cpoc-")]
+        if "load" in cur:
+            records.append((dict(cur), poc))
+        cur.clear()
+
+    monkeypatch.setattr(Governor, "decide", decide)
+    monkeypatch.setattr(PoCScheduler, "_admit", admit)
+    monkeypatch.setattr(PoCScheduler, "_ensure_governor", ensure)
+    on = run_session(model, nonces=nonces, prompts=prompts, max_new=max_new, mode="fixed-share",
+                     poc_options={"governor_options": {"fixed_share": 0.25,
+                                                       "model_shape": ModelShape.from_hf_config(model.config)}},
+                     on_forward=on_forward)
+    st = on["stats"]
+    assert not st["failed"], st["error"]
+    assert st["nonces_preempted"] == 0 and st["nonces_done"] == len(nonces)
+    assert on["cp"].governor.config.model_shape is not None  # the work model
+    forced = [(rec, poc) for rec, poc in records if rec["forced"]]
+    assert any(rec["admitted"] and poc for rec, poc in forced), "no forced step carried fresh rows"
+    assert st["fresh_only_steps"] >= 1
+    for rec, poc in forced:
+        admitted = set(rec["admitted"])
+        assert {rid for rid, _, _ in poc} <= admitted, (rec, poc)  # the pending nonces got no row
+        assert all(start == 0 for _, start, _ in poc)
+        assert sum(n for _, _, n in poc) <= min(rec["tokens"], len(admitted) * SEQ_LEN)
+    # the other steps continue the pending nonces in the order the load listed them, then start new ones
+    continued = 0
+    for rec, poc in records:
+        if rec["forced"] or not poc:
+            continue
+        want = list(rec["load"].poc_pending_computed) + [0] * len(rec["admitted"])
+        assert [start for _, start, _ in poc] == want[:len(poc)], (rec, poc)
+        continued += sum(1 for _, start, _ in poc if start > 0)
+    assert continued > 0
+    assert on["chat"] == off["chat"], "chat tokens changed by PoC"
+    assert_equivalent(on["artifacts"], pure(nonces), on["collected"])

@@ -239,6 +239,14 @@ class CBInternals:
         scheduler.waiting_requests_order.extend(r for r in order if r in scheduler.waiting_requests and r not in present)
 
     @staticmethod
+    def request_order(scheduler) -> list[str]:
+        """Request ids in the order the scheduler considers them (for requests still prefilling, whether its type
+        is ``fifo`` or ``prefill_first``): active ones in their dict's order — the order they first ran, which
+        :meth:`hide` / :meth:`restore` keep among the requests hidden together — then the waiting queue."""
+        waiting = [r for r in scheduler.waiting_requests_order if r in scheduler.waiting_requests]
+        return list(scheduler.active_requests) + waiting
+
+    @staticmethod
     def waiting(scheduler) -> tuple[int, Any]:
         """(number of waiting requests, the first waiting request's state or None)."""
         n = len(scheduler.waiting_requests)

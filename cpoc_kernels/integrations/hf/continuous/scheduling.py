@@ -10,7 +10,8 @@ scheduled requests: :func:`step_work_figures`).
 A step is scheduled as: chat with the whole token budget as if PoC did not exist; if chat is short of KV while PoC
 holds some, the governor may ask for preemption (PoC nonces are dropped and re-queued, the engine never offloads
 chat for PoC); then the governor decides how many PoC tokens join and how many new nonces are admitted, and PoC
-requests are scheduled only into what is left (the engine's own scheduler, run over the PoC requests alone). The
+requests are scheduled only into what is left (the engine's own scheduler, run over the PoC requests alone: in-flight
+nonces first, oldest first; or, when the budget says ``fresh_nonces_only``, over the nonces admitted now alone). The
 measured fixed cost of a step carrying PoC rows is charged to the SLO allowance first; while it vetoes PoC in chat
 steps, every ``probe_every``-th such step may carry ``small_poc_rows`` rows so the measurement stays current.
 
@@ -219,15 +220,21 @@ class PoCScheduler:
             need += pages(cb.remaining_prefill(head) + 1)
         in_flight = [st for st in tracker.states() if not st.done]
         held = sum(pages(st.computed) for st in in_flight)
-        # the progress of the nonces with rows left (the engine continues them in admission order)
-        pending = tuple(st.computed for st in in_flight if st.computed < tracker.seq_len)
+        # the progress of the nonces with rows left, in the order the PoC pass continues them: the engine's own
+        # scheduler over the PoC requests alone takes them in its candidate order (started ones in the order they
+        # first ran, then the waiting queue: FIFO, oldest first); a nonce it does not hold (yet) last
+        order = {rid: i for i, rid in enumerate(cb.request_order(cb.scheduler(bp)))}
+        rows_left = [st for st in in_flight if st.computed < tracker.seq_len]
+        rows_left.sort(key=lambda st: order.get(st.request_id, len(order)))  # stable: ties in admission order
+        pending = tuple(st.computed for st in rows_left)
         keys, kv_read, lm_rows = step_work_figures(cb, chat_batch, tracker.is_poc_request)
         return StepLoad(chat_tokens=int(chat_q), kv_tokens_free=max(0, kv_free), chat_decode_requests=decode_reqs,
                         chat_prefill_tokens=int(chat_q) - decode_reqs, waiting_chat_requests=waiting,
                         poc_tokens_pending=tracker.pending_tokens, poc_kv_tokens_held=held,
                         waiting_chat_kv_tokens=need, chat_attention_keys=keys, chat_kv_tokens_read=kv_read,
                         chat_lm_rows=lm_rows, poc_pending_computed=pending, poc_fixed_seconds=self.fixed_cost() or 0.0,
-                        probe_tokens=self.small_poc_rows if self._vetoes_since_probe >= self.probe_every else 0)
+                        probe_tokens=self.small_poc_rows if self._vetoes_since_probe >= self.probe_every else 0,
+                        can_start_fresh=True)  # _schedule_poc honours PoCBudget.fresh_nonces_only
 
     def _preempt_for_chat(self, sched, bp, chat, waiting, head, starved) -> bool:
         """Free the KV the governor asks for by preempting in-flight PoC nonces (newest first); True if any."""
@@ -278,8 +285,9 @@ class PoCScheduler:
         with sh.gov_lock:
             budget = governor.decide(load)
             governor.record(budget)
+        admitted: list[str] = []
         if sh.running and sh.failed is None and budget.new_requests > 0 and not cb.stopping():
-            self._admit(sched, budget.new_requests)
+            admitted = self._admit(sched, budget.new_requests)
         if budget.reason == BudgetReason.FIXED_COST:
             if budget.tokens > 0:
                 self._vetoes_since_probe = 0
@@ -287,27 +295,38 @@ class PoCScheduler:
             else:
                 self._vetoes_since_probe += 1
                 sh.counters["fixed_cost_vetoes"] += 1
-        tokens = min(budget.tokens, token_budget - chat_q, tracker.pending_tokens)
+        if budget.fresh_nonces_only:
+            # the rows go to the nonces admitted now only: the pending ones wait (continuing one re-reads its
+            # cached prefix, which can cost more than the step allows); none admitted: no PoC row this step
+            fresh = frozenset(admitted)
+            visible = fresh.__contains__
+            room = len(fresh) * tracker.seq_len
+            if fresh:
+                sh.counters["fresh_only_steps"] += 1
+        else:
+            visible, room = tracker.is_poc_request, tracker.pending_tokens
+        tokens = min(budget.tokens, token_budget - chat_q, room)
         requests_left = cb.max_requests(sched) - len(chat_batch)
         if tokens <= 0 or requests_left <= 0 or sh.failed is not None:
             cb.set_starved(sched, starved)
             return chat
-        # 2. PoC only into what is left (in-flight nonces first: FIFO over active, then waiting)
-        poc, _, _, poc_starved = self._pass(sched, original, tracker.is_poc_request, tokens,
-                                            max(0, cache_budget - chat_kv), requests_left)
+        # 2. PoC only into what is left (in-flight nonces first: FIFO over active, then waiting; or the fresh
+        #    nonces alone)
+        poc, _, _, poc_starved = self._pass(sched, original, visible, tokens, max(0, cache_budget - chat_kv),
+                                            requests_left)
         # the engine may offload starved requests: report chat's only, so it never evicts chat for PoC
         cb.set_starved(sched, starved)
         if not poc[0]:
             return chat
         return _merge(chat, poc)
 
-    def _admit(self, sched, n: int) -> None:
-        """Admit up to ``n`` prepared nonces (inputs made by the worker) as engine requests."""
+    def _admit(self, sched, n: int) -> list[str]:
+        """Admit up to ``n`` prepared nonces (inputs made by the worker) as engine requests; their request ids."""
         sh, cb = self.shared, self.shared.cb
         tracker = sh.tracker
         placeholder = [0] * tracker.seq_len
-        admitted = 0
-        while admitted < n:
+        ids: list[str] = []
+        while len(ids) < n:
             try:
                 nonce, emb = sh.prepared.popleft()
             except IndexError:
@@ -315,10 +334,11 @@ class PoCScheduler:
             rid = tracker.request_id_for(nonce)
             tracker.admit(nonce, rid, emb)
             cb.add_waiting(sched, cb.new_request_state(rid, placeholder))
-            admitted += 1
-        sh.counters["nonces_admitted"] += admitted
-        if admitted and len(sh.prepared) * 2 < sh.round["prefetch"]:
+            ids.append(rid)
+        sh.counters["nonces_admitted"] += len(ids)
+        if ids and len(sh.prepared) * 2 < sh.round["prefetch"]:
             sh.jobs.put(("refill",))  # wake the worker to prepare more
+        return ids
 
     # ------------------------------------------------------------------ step clock
     def _close_step(self, now: float) -> None:

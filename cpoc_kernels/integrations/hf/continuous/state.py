@@ -29,7 +29,7 @@ logger = logging.getLogger("cpoc_kernels.continuous")
 
 COUNTERS = ("steps", "poc_steps", "chat_tokens", "poc_tokens", "nonces_admitted", "nonces_done", "nonces_dropped_nan",
             "nonces_split", "nonces_preempted", "poc_tokens_discarded", "fixed_cost_vetoes", "fixed_cost_probes",
-            "lm_head_rows", "chat_requests_done", "poc_outputs_filtered", "callback_errors")
+            "fresh_only_steps", "lm_head_rows", "chat_requests_done", "poc_outputs_filtered", "callback_errors")
 
 
 class PoCFailure(RuntimeError):
