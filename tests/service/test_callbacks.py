@@ -160,6 +160,9 @@ def test_buffer_stays_bounded_and_overflow_is_counted():
         c = rig.counters()
         assert c["artifacts_buffered"] <= 20 and c["artifacts_in_flight"] <= 10
         rig.dapi.mode = "ok"
+        # the fake DAPI's front reopens its listener asynchronously: stopping before it listens again made the
+        # final attempt meet a refused connection on a busy host (all dropped, nothing stored); wait for it
+        rig.wait_for(lambda: len(rig.dapi.stored) > 0, timeout=40.0)
         rig.stop()
         rig.wait_for(lambda: rig.counters()["artifacts_pending"] == 0, timeout=40.0)
         c = rig.counters()
