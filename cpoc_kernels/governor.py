@@ -258,6 +258,13 @@ class Governor:
         self._seconds = 0.0
         self._poc_seconds_estimate = 0.0
 
+    @property
+    def reads_step_work(self) -> bool:
+        """Whether :meth:`decide`/:meth:`observe` use a step's attention pairs, KV reads, LM rows and the
+        pending nonces' progress (the work model, or a rows model told about attention keys): a glue can
+        skip working them out otherwise."""
+        return self._uses_work or self.config.poc_attention_keys_per_token is not None
+
     def _keys_per_poc_token(self) -> float:
         return self.config.poc_attention_keys_per_token or 0.0
 

@@ -642,3 +642,12 @@ def test_budget_invariants(cfg, load, observations, knots):
                     <= (1 + cfg.slo_overhead) * budget.predicted_chat_step_seconds + 1e-12)
     # deterministic and pure
     assert governor.decide(load) == budget
+
+
+def test_reads_step_work_says_when_a_glue_must_work_out_the_step_figures():
+    from cpoc_kernels.cost import QWEN3_0_6B
+
+    base = dict(max_batch_tokens=4096, kv_tokens_capacity=1 << 20)
+    assert not Governor(GovernorConfig(**base)).reads_step_work  # rows model: row counts only
+    assert Governor(GovernorConfig(**base, poc_attention_keys_per_token=512.5)).reads_step_work
+    assert Governor(GovernorConfig(**base, model_shape=QWEN3_0_6B)).reads_step_work

@@ -62,7 +62,9 @@ def test_step_load_and_observe_report_the_steps_work(model, monkeypatch):
     prompts = [rng.integers(1, 500, size=int(size)).tolist() for size in (5, 12, 45, 20)]  # 45: two chunks
     nonces = list(range(700, 706))
     mgr = manager(model, max_new=6)
-    cp = ContinuousPoC(model, mgr, mode="fixed-share", governor_options={"fixed_share": 0.25},
+    # the work model reads the figures (a rows model does not, and the glue then skips them: see below)
+    shape = ModelShape.from_hf_config(model.config)
+    cp = ContinuousPoC(model, mgr, mode="fixed-share", governor_options={"fixed_share": 0.25, "model_shape": shape},
                        observe_interval=0.0)  # observe every step
     prompt_len = {}
 
@@ -103,7 +105,7 @@ def test_step_load_and_observe_report_the_steps_work(model, monkeypatch):
     st = cp.stats()
     assert not st["failed"], st["error"]
     assert st["nonces_preempted"] == 0  # the chat a load describes is then the chat its step ran
-    assert isinstance(cp.governor.model, RooflineStepTimeModel)  # CPU: the rows model
+    assert isinstance(cp.governor.model, WorkStepTimeModel) and cp.governor.reads_step_work
 
     # StepLoad: every decision made for a step describes the chat rows that step ran
     assert decided

@@ -160,7 +160,10 @@ class PoCScheduler:
                 if result[0]:
                     # the work figures of a step the governor will observe (computed now: the batch's preparation
                     # advances the requests' positions)
-                    work = step_work_figures(cb, result[0], is_poc) if t0 >= self._next_observe else None
+                    work = None
+                    if t0 >= self._next_observe:  # only worked out when the governor's model reads them
+                        reads = sh.governor is not None and sh.governor.reads_step_work
+                        work = step_work_figures(cb, result[0], is_poc) if reads else (0, 0, 0)
                     sh.clock = StepClock(t0, chat_q, poc_q, time.perf_counter() - t_extra, work=work)
 
         return schedule_batch
@@ -223,11 +226,13 @@ class PoCScheduler:
         # the progress of the nonces with rows left, in the order the PoC pass continues them: the engine's own
         # scheduler over the PoC requests alone takes them in its candidate order (started ones in the order they
         # first ran, then the waiting queue: FIFO, oldest first); a nonce it does not hold (yet) last
-        order = {rid: i for i, rid in enumerate(cb.request_order(cb.scheduler(bp)))}
-        rows_left = [st for st in in_flight if st.computed < tracker.seq_len]
-        rows_left.sort(key=lambda st: order.get(st.request_id, len(order)))  # stable: ties in admission order
-        pending = tuple(st.computed for st in rows_left)
-        keys, kv_read, lm_rows = step_work_figures(cb, chat_batch, tracker.is_poc_request)
+        pending, keys, kv_read, lm_rows = (), 0, 0, 0
+        if sh.governor is not None and sh.governor.reads_step_work:  # a rows model reads none of this: skip it
+            order = {rid: i for i, rid in enumerate(cb.request_order(cb.scheduler(bp)))}
+            rows_left = [st for st in in_flight if st.computed < tracker.seq_len]
+            rows_left.sort(key=lambda st: order.get(st.request_id, len(order)))  # stable: ties in admission order
+            pending = tuple(st.computed for st in rows_left)
+            keys, kv_read, lm_rows = step_work_figures(cb, chat_batch, tracker.is_poc_request)
         return StepLoad(chat_tokens=int(chat_q), kv_tokens_free=max(0, kv_free), chat_decode_requests=decode_reqs,
                         chat_prefill_tokens=int(chat_q) - decode_reqs, waiting_chat_requests=waiting,
                         poc_tokens_pending=tracker.pending_tokens, poc_kv_tokens_held=held,
