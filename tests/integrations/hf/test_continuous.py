@@ -7,6 +7,7 @@ handling must stop PoC only, and the governor in ``off`` mode must add no PoC ro
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -463,3 +464,31 @@ def test_fresh_nonces_only_gives_the_rows_to_the_nonces_admitted_now(model, pure
     assert continued > 0
     assert on["chat"] == off["chat"], "chat tokens changed by PoC"
     assert_equivalent(on["artifacts"], pure(nonces), on["collected"])
+
+
+def test_wait_without_a_count_returns_only_after_the_last_nonce(model, monkeypatch):
+    """The iterator's end was flagged while the last nonces' inputs were still being made (not yet in
+    ``prepared``): ``wait()`` then saw nothing in flight and returned before they were computed."""
+    from cpoc_kernels.integrations.hf.continuous import worker
+
+    real = worker.poc_input_embeddings
+
+    def slow(*args, **kwargs):  # widen the window between drawing the nonces and queueing their inputs
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "poc_input_embeddings", slow)
+    nonces = [11, 12, 13]
+    gen = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb_config(
+        max_batch_tokens=MAX_BATCH_TOKENS, num_blocks=64, page_size=16, max_requests_per_batch=16))
+    cp = ContinuousPoC(model, mgr)
+    try:
+        cp.start(BH, PK, iter(nonces), SEQ_LEN)
+        mgr.start()
+        assert cp.wait(timeout=TIMEOUT)
+        assert cp.stats()["nonces_done"] == len(nonces)
+        cp.stop(drain=True, timeout=TIMEOUT)
+    finally:
+        mgr.stop(block=True, timeout=TIMEOUT)
+        cp.detach()

@@ -109,19 +109,21 @@ class PoCWorker:
         need = rnd["prefetch"] - len(sh.prepared)
         if need <= 0:
             return
-        nonces = []
+        nonces, ran_out = [], False
         while len(nonces) < min(need, REFILL_CHUNK):
             try:
                 nonces.append(check_nonce(next(rnd["iterator"])))
             except StopIteration:
-                rnd["exhausted"] = True
+                ran_out = True
                 break
-        if not nonces:
-            return
-        embeds = poc_input_embeddings(rnd["block_hash"], rnd["public_key"], nonces, rnd["seq_len"], self.hidden,
-                                      self.dtype, self.device, rnd["stronger_rng"])
-        sh.prepared.extend(zip(nonces, embeds))
-        sh.cb.wake()
+        if nonces:
+            embeds = poc_input_embeddings(rnd["block_hash"], rnd["public_key"], nonces, rnd["seq_len"], self.hidden,
+                                          self.dtype, self.device, rnd["stronger_rng"])
+            sh.prepared.extend(zip(nonces, embeds))
+        if ran_out:  # only once the last nonces are visible in ``prepared``: ``wait()`` reads the flag first
+            rnd["exhausted"] = True
+        if nonces:
+            sh.cb.wake()
 
     def readout(self, hs: torch.Tensor, nonces: list[int]) -> None:
         """Output stage of ``nonces`` ([n, H] final-norm rows; engine thread for PoC-only CPU steps, worker
