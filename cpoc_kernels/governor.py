@@ -46,7 +46,7 @@ from enum import Enum
 
 from cpoc_kernels.cost import ModelShape
 from cpoc_kernels.step_model import RooflineStepTimeModel, StepTimeModel, WorkStepTimeModel, _check_count, _check_real
-from cpoc_kernels.step_work import StepWork
+from cpoc_kernels.step_work import StepWork, step_elasticity
 
 __all__ = ["MODES", "BudgetReason", "Governor", "GovernorConfig", "PoCBudget", "RooflineStepTimeModel", "StepLoad",
            "StepTimeModel", "WorkStepTimeModel"]
@@ -175,7 +175,8 @@ class StepLoad:
     exact attention pairs and KV reads of the PoC rows (a nonce's late rows attend more keys); empty:
     nonces are assumed to start at 0. ``can_start_fresh``: the glue can honour
     ``PoCBudget.fresh_nonces_only`` (give a step's PoC rows to newly admitted nonces only).
-    ``poc_fixed_seconds``: the time a step pays for carrying any PoC rows at all, whatever their number (``fill`` mode charges it to the SLO allowance first);
+    ``poc_fixed_seconds``: the time a step pays for carrying any PoC rows at all, whatever their number
+    (``fill`` mode charges it to the SLO allowance first);
     ``probe_tokens``: PoC rows allowed even when that fixed time alone exceeds the allowance (0: none).
     """
 
@@ -393,11 +394,7 @@ class Governor:
         cfg = self.config
         if not cfg.slo_feedback or chat_work is None or chat_seconds <= 0:
             return cfg.slo_overhead * chat_seconds
-        eps = 0.05
-        scaled = StepWork(chat_work.tokens * (1 + eps), chat_work.attention_pairs * (1 + eps),
-                          chat_work.lm_rows * (1 + eps), chat_work.kv_tokens_read * (1 + eps))
-        elasticity = min(max((self.model.predict_work(scaled) / chat_seconds - 1) / eps, 0.0), 0.9)
-        return cfg.slo_overhead * (1 - elasticity) * chat_seconds
+        return cfg.slo_overhead * (1 - step_elasticity(self.model.predict_work, chat_work)) * chat_seconds
 
     def _idle_limit(self, load: StepLoad) -> int:
         """PoC rows of a step without chat (``idle_max_tokens``, ``idle_max_seconds``)."""

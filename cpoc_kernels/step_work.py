@@ -16,6 +16,7 @@ Exact integer counts except the expected MoE expert coverage (a float).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cpoc_kernels import cost
@@ -23,7 +24,7 @@ from cpoc_kernels.cost import ModelShape
 
 BYTES_PER_PARAM = 2  # bf16
 
-__all__ = ["BYTES_PER_PARAM", "StepCounter", "StepWork", "kv_bytes_per_token", "parameter_counts"]
+__all__ = ["BYTES_PER_PARAM", "StepCounter", "StepWork", "kv_bytes_per_token", "parameter_counts", "step_elasticity"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,26 @@ class StepWork:
         """The work of both (rows of ``other`` joining this step)."""
         return StepWork(self.tokens + other.tokens, self.attention_pairs + other.attention_pairs,
                         self.lm_rows + other.lm_rows, self.kv_tokens_read + other.kv_tokens_read)
+
+    def scaled(self, factor: float) -> "StepWork":
+        """Every part of the work times ``factor`` (more of the same requests)."""
+        return StepWork(self.tokens * factor, self.attention_pairs * factor, self.lm_rows * factor,
+                        self.kv_tokens_read * factor)
+
+
+ELASTICITY_STEP = 0.05
+MAX_ELASTICITY = 0.9
+
+
+def step_elasticity(seconds_of: Callable[[StepWork], float], work: StepWork) -> float:
+    """d log t / d log w of a step's time in its own work (every part scaled together; a finite difference
+    of +5 %), clipped to [0, 0.9]: how much a step grows when more of the same requests share it. ``seconds_of``
+    is a step-time function (a model's prediction or a true curve)."""
+    alone = seconds_of(work)
+    if alone <= 0:
+        return 0.0
+    grown = seconds_of(work.scaled(1 + ELASTICITY_STEP))
+    return min(max((grown / alone - 1) / ELASTICITY_STEP, 0.0), MAX_ELASTICITY)
 
 
 def parameter_counts(shape: ModelShape) -> dict[str, int]:

@@ -35,6 +35,7 @@ from cpoc_kernels.cost import DEFAULT_SEQ_LEN, attention_key_pairs
 from cpoc_kernels.governor import Governor, GovernorConfig, StepLoad
 from cpoc_kernels.step_model import WorkStepTimeModel
 from cpoc_kernels.step_model.common import largest_fitting
+from cpoc_kernels.step_work import step_elasticity
 
 from .hardware import EnginePreset, StepWork
 from .workload import ChatArrival
@@ -153,11 +154,9 @@ class _Engine:
         gcfg = dict(max_batch_tokens=preset.max_batch_tokens, kv_tokens_capacity=self.kv_capacity,
                     poc_seq_len=cfg.seq_len, slo_overhead=cfg.slo_overhead)
         if cfg.poc and cfg.path == "hf":
-            if cfg.model == "work":  # the glue knows the model's config and its tensor-parallel group
+            if cfg.model != "rows":  # the glue knows the model's config and its tensor-parallel group
                 gcfg.update(model_shape=preset.curve.shape, tensor_parallel=preset.curve.tensor_parallel)
             oracle = OracleStepTimeModel(preset.curve) if cfg.model == "oracle" else None
-            if oracle is not None:
-                gcfg.update(model_shape=preset.curve.shape, tensor_parallel=preset.curve.tensor_parallel)
             self.governor = Governor(GovernorConfig(**gcfg, **cfg.governor_options), oracle)
         if cfg.poc and cfg.path == "vllm":
             # imported here: the vLLM client module pulls in torch, which `cpoc --help` must not
@@ -282,10 +281,7 @@ class _Engine:
                 self.idle_bound_cache = largest_fitting(lambda x: with_poc(x, empty) <= limit, budget)
             return self.idle_bound_cache, self.idle_bound_cache
         alone = self.curve.seconds(chat_work)
-        eps = 0.05
-        scaled = StepWork(chat_work.tokens * (1 + eps), chat_work.attention_pairs * (1 + eps),
-                          chat_work.lm_rows * (1 + eps), chat_work.kv_tokens_read * (1 + eps))
-        elasticity = min(max((self.curve.seconds(scaled) / alone - 1) / eps, 0.0), 0.9)
+        elasticity = step_elasticity(self.curve.seconds, chat_work)  # the governor's definition, on the truth
         room = budget - chat_work.tokens
         per_step = largest_fitting(lambda x: with_poc(x, chat_work) <= (1 + slo) * alone, room)
         end_to_end = largest_fitting(lambda x: with_poc(x, chat_work) <= (1 + slo * (1 - elasticity)) * alone, room)
