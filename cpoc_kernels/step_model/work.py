@@ -87,10 +87,10 @@ class WorkStepTimeModel:
         self._change_run = change_run
         self._warmup = warmup
         self._window = window
-        self._rows: list[tuple[float, float, float]] = []  # per kept step: (GB read, TFLOP, thousands of rows)
-        self._times: list[float] = []  # ms
-        self._x = np.zeros((0, 3))
-        self._y = np.zeros(0)
+        # the kept steps, oldest first, rows [start, end) of a buffer twice the window (moved to its front when
+        # full): per step (GB read, TFLOP, thousands of rows, ms) — the fit reads them as views, without a copy
+        self._steps = np.empty((2 * window, 4))
+        self._start = self._end = 0
         self._thetas = {p: self._prior_mean.copy() for p in self.P_GRID}
         self._p = 3.0
         self._theta = self._prior_mean.copy()
@@ -150,13 +150,13 @@ class WorkStepTimeModel:
             jac[empty] = 0.0
         return pred, jac
 
-    def _gauss_newton(self, theta: np.ndarray, p: float, iterations: int) -> tuple[np.ndarray, float, np.ndarray]:
-        """``iterations`` damped Gauss-Newton steps from ``theta`` (overhead, per-row ≥ 0) on the kept steps,
-        Huber-weighted relative residuals; returns (θ, penalised objective, the normal matrix)."""
-        x, y = self._x, self._y
+    def _gauss_newton(self, x: np.ndarray, y: np.ndarray, theta: np.ndarray, p: float,
+                      iterations: int) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+        """``iterations`` damped Gauss-Newton steps from ``theta`` (overhead, per-row ≥ 0) on the steps ``x``
+        (features) / ``y`` (ms), Huber-weighted relative residuals; returns (θ, penalised objective, the normal
+        matrix, the relative residuals at θ)."""
         prior = self._prior_precision * self._noise ** 2
         normal = np.diag(prior)
-        objective = math.inf
         for _ in range(iterations):
             pred, jac = self._curve(theta, x, p)
             rel = (y - pred) / y
@@ -177,18 +177,18 @@ class WorkStepTimeModel:
         loss = np.where(np.abs(rel) <= bound, rel * rel, 2 * bound * np.abs(rel) - bound * bound)
         dev = theta - self._prior_mean
         objective = float(np.sum(loss) + np.sum(prior * dev * dev))
-        return theta, objective, normal
+        return theta, objective, normal, rel
 
     def _refit(self, rerank: bool) -> None:
-        n = len(self._times)
+        n = self._end - self._start
         if n == 0:
             return
-        self._x = np.array(self._rows)
-        self._y = np.array(self._times)
+        kept = self._steps[self._start:self._end]
+        x, y = kept[:, :3], kept[:, 3]
         if rerank:
             iterations = self._GN_ITERATIONS_RERANK
-            results = {p: self._gauss_newton(self._thetas[p], p, iterations) for p in self.P_GRID}
-            for p, (theta, _, _) in results.items():
+            results = {p: self._gauss_newton(x, y, self._thetas[p], p, iterations) for p in self.P_GRID}
+            for p, (theta, *_) in results.items():
                 self._thetas[p] = theta
             best = min(self.P_GRID, key=lambda p: (results[p][1], p))  # ties: the smaller p
             # the knee's sharpness the steps do not rule out (within Δχ² = 4 of the best): added times are
@@ -196,13 +196,11 @@ class WorkStepTimeModel:
             cut = results[best][1] + self._PLAUSIBLE_CHI2 * self._noise ** 2
             self._plausible = [(p, results[p][0]) for p in self.P_GRID if p != best and results[p][1] <= cut]
             self._p = best
-            theta, _, normal = results[best]
+            theta, _, normal, rel = results[best]
         else:
-            theta, _, normal = self._gauss_newton(self._thetas[self._p], self._p, 1)
+            theta, _, normal, rel = self._gauss_newton(x, y, self._thetas[self._p], self._p, 1)
             self._thetas[self._p] = theta
         self._theta = theta
-        pred, _ = self._curve(theta, self._x, self._p)
-        rel = (self._y - pred) / self._y
         mad = 1.4826 * float(np.median(np.abs(rel)))
         self._noise = max(1e-3, math.sqrt((n * mad ** 2 + self._PRIOR_NOISE_WEIGHT * self._prior_noise ** 2)
                                           / (n + self._PRIOR_NOISE_WEIGHT)))
@@ -233,14 +231,17 @@ class WorkStepTimeModel:
                 self._run_sign = sign
             else:
                 self._run, self._run_sign = 0, 0
-        self._rows.append(x)
-        self._times.append(y)
-        if len(self._times) > self._window:
-            del self._rows[0], self._times[0]
+        if self._end == len(self._steps):
+            kept = self._end - self._start
+            self._steps[:kept] = self._steps[self._start:self._end]
+            self._start, self._end = 0, kept
+        self._steps[self._end] = (*x, y)
+        self._end += 1
+        self._start = max(self._start, self._end - self._window)
         self.n_observations += 1
         self._since_restart += 1
         if self._run >= self._change_run:  # the engine changed: keep only the steps that say so
-            del self._rows[:-self._change_run], self._times[:-self._change_run]
+            self._start = max(self._start, self._end - self._change_run)
             self._run, self._run_sign = 0, 0
             self._since_restart = self._change_run
             self.n_changes += 1
