@@ -32,6 +32,8 @@ N = 1_000_000
 
 
 def partition_nonces(n: int, node_ids=(3, 17), node_count: int = 32, n_groups: int = 8, seed: int = 0):
+    """The network's layout: nonce = node_id + group*node_count + x*n_groups*node_count, streams at
+    different rates, arrivals interleaved in time (int32, ``n`` distinct nonces)."""
     rng = np.random.default_rng(seed)
     streams = [(nid, g) for nid in node_ids for g in range(n_groups)]
     rates = rng.uniform(0.8, 1.2, len(streams))

@@ -2,6 +2,8 @@
 import hashlib
 import os
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,9 @@ from cpoc_kernels.merkle import (
 )
 
 from ._golden import arrival, case_id, elements, golden_trees, tree_ids, verifier_cases
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from smst_vs_go import partition_nonces  # noqa: E402  (the network's nonce layout, as the Go comparison uses it)
 
 
 def build(tree, batch: bool = False) -> SMST:
@@ -327,20 +332,6 @@ def test_concurrent_writers_and_readers_keep_the_tree_consistent():
 
 
 # ------------------------------------------------------------------------------ one tree, three ways
-
-def partition_nonces(n: int, node_ids=(3, 17), node_count: int = 32, n_groups: int = 8, seed: int = 0):
-    """The network's layout: nonce = node_id + group*node_count + x*n_groups*node_count, streams at
-    different rates, arrivals interleaved in time."""
-    rng = np.random.default_rng(seed)
-    streams = [(nid, g) for nid in node_ids for g in range(n_groups)]
-    rates = rng.uniform(0.8, 1.2, len(streams))
-    per = np.floor(rates / rates.sum() * n).astype(int)
-    per[0] += n - per.sum()
-    nonces = np.concatenate([nid + g * node_count + np.arange(m) * n_groups * node_count
-                             for (nid, g), m in zip(streams, per)])
-    t = np.concatenate([np.arange(m) / r for m, r in zip(per, rates)])
-    return nonces[np.argsort(t, kind="stable")].astype(np.int32)
-
 
 @pytest.mark.parametrize("layout", ["partition", "random32"])
 def test_bulk_incremental_and_snapshot_paths_agree(sha_backend, layout):
